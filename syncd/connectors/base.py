@@ -1,0 +1,143 @@
+"""The small interface every CRM connector implements, and what it is handed.
+
+A connector receives a :class:`~syncd.mapping.Plan` and makes the CRM match
+it. It never touches the store: it reads and records links through the
+:class:`LinkBook` in its :class:`DeliveryContext`, and it reports failure
+only by raising a :class:`~syncd.errors.DeliveryError` subclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import httpx
+from pydantic import BaseModel
+
+from syncd.mapping import Plan, Upsert
+
+
+@dataclass(frozen=True)
+class LinkRef:
+    """What syncd knows about a CRM record. ``crm_id`` is None while a create is unconfirmed."""
+
+    crm_id: str | None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Created:
+    crm_id: str
+    url: str | None = None
+
+
+class LinkBook(Protocol):
+    """The connector's view of the links table for one destination."""
+
+    async def get(self, entity: str, external_key: str) -> LinkRef | None: ...
+
+    async def intend(self, entity: str, external_key: str) -> None:
+        """Durably note that a create is about to be sent (before sending it)."""
+
+    async def record(self, entity: str, external_key: str, crm_id: str, url: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    delivery_id: int
+    event_id: int
+    destination: str
+    attempt: int
+    links: LinkBook
+    #: Distinguishes this database's delivery ids from another install's.
+    install_id: str = "0"
+
+    def idempotency_key(self, op_index: int) -> str:
+        """Stable across retries of the same delivery, unique per operation."""
+        return f"syncd-{self.install_id}-{self.delivery_id}-{op_index}"
+
+
+class Connector(ABC):
+    """One CRM. Subclasses set :attr:`kind` and :attr:`settings_model`."""
+
+    kind: ClassVar[str]
+    settings_model: ClassVar[type[BaseModel]]
+
+    def __init__(
+        self,
+        name: str,
+        settings: BaseModel,
+        *,
+        timeout: float = 15.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.timeout = timeout
+        self.transport = transport
+
+    @abstractmethod
+    async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
+        """Make the CRM match the plan, or raise a DeliveryError."""
+
+    @abstractmethod
+    async def find(self, op: Upsert, parent_id: str | None) -> LinkRef | None:
+        """Look a record up by its external key (after an unknown outcome)."""
+
+    async def check(self) -> None:  # noqa: B027 - optional for connectors without credentials
+        """Verify credentials and reachability; raise a DeliveryError if broken."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
+
+
+class RecordConnector(Connector):
+    """A connector that writes one record per operation.
+
+    It implements the safety rule once for all such connectors: consult the
+    links table first; write an intent before every create; and when an
+    intent without a result is found (a previous try timed out or the
+    daemon died mid-request), look the record up before creating it again.
+    """
+
+    @abstractmethod
+    async def create(self, op: Upsert, parent_id: str | None, idempotency_key: str) -> Created: ...
+
+    @abstractmethod
+    async def update(
+        self, op: Upsert, crm_id: str, parent_id: str | None, idempotency_key: str
+    ) -> None: ...
+
+    async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
+        known: dict[str, str] = {}
+        for index, op in enumerate(plan.operations):
+            parent_id = await self._parent_id(op, known, ctx)
+            key = ctx.idempotency_key(index)
+            link = await ctx.links.get(op.entity, op.external_key)
+            if link is not None and link.crm_id is None:
+                found = await self.find(op, parent_id)
+                if found is not None and found.crm_id is not None:
+                    await ctx.links.record(op.entity, op.external_key, found.crm_id, found.url)
+                    link = found
+            if link is not None and link.crm_id is not None:
+                if not op.create_only:
+                    await self.update(op, link.crm_id, parent_id, key)
+                known[op.external_key] = link.crm_id
+                continue
+            if link is None:
+                await ctx.links.intend(op.entity, op.external_key)
+            created = await self.create(op, parent_id, key)
+            await ctx.links.record(op.entity, op.external_key, created.crm_id, created.url)
+            known[op.external_key] = created.crm_id
+
+    async def _parent_id(self, op: Upsert, known: dict[str, str], ctx: DeliveryContext) -> str | None:
+        if op.parent is None:
+            return None
+        if op.parent in known:
+            return known[op.parent]
+        for entity in ("deal", "contact", "lead"):
+            ref = await ctx.links.get(entity, op.parent)
+            if ref is not None and ref.crm_id is not None:
+                return ref.crm_id
+        return None

@@ -1,0 +1,72 @@
+"""Finds a connector class by its ``kind``. The core imports this, never a connector.
+
+Built-in kinds are named here by import path and loaded on first use; other
+packages add kinds through the ``syncd.connectors`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+import httpx
+from pydantic import ValidationError
+
+from syncd.config import DestinationConfig
+from syncd.connectors.base import Connector
+
+BUILTIN: dict[str, str] = {
+    "rest": "syncd.connectors.rest:RestConnector",
+}
+
+
+def known_kinds() -> list[str]:
+    plugins = {ep.name for ep in entry_points(group="syncd.connectors")}
+    return sorted(set(BUILTIN) | plugins)
+
+
+def connector_class(kind: str) -> type[Connector]:
+    target = BUILTIN.get(kind)
+    if target is None:
+        for ep in entry_points(group="syncd.connectors"):
+            if ep.name == kind:
+                loaded = ep.load()
+                assert isinstance(loaded, type) and issubclass(loaded, Connector)
+                return loaded
+        raise KeyError(kind)
+    module_name, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    assert isinstance(cls, type) and issubclass(cls, Connector)
+    return cls
+
+
+def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
+    """Problems with one destination's settings, as (key inside the destination, message)."""
+    try:
+        cls = connector_class(dest.kind)
+    except KeyError:
+        return [("kind", f"unknown connector kind {dest.kind!r} (known: {', '.join(known_kinds())})")]
+    try:
+        cls.settings_model.model_validate(dest.settings())
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            message = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
+                err["type"], err["msg"]
+            )
+            problems.append((key, message))
+        return problems
+    return []
+
+
+def build(
+    name: str,
+    dest: DestinationConfig,
+    *,
+    timeout: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Connector:
+    cls = connector_class(dest.kind)
+    settings = cls.settings_model.model_validate(dest.settings())
+    return cls(name, settings, timeout=timeout, transport=transport)

@@ -1,0 +1,196 @@
+"""``syncd run``: the HTTP server, the dispatcher and the scheduler in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import structlog
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from fastapi import FastAPI
+
+from syncd import logs
+from syncd.config import Config, resolve_store_url
+from syncd.connectors import registry
+from syncd.connectors.base import Connector
+from syncd.intake.generic import GenericSource
+from syncd.intake.routes import intake_router
+from syncd.monitor.api import monitor_router
+from syncd.retry import outbox
+from syncd.retry.dispatcher import Dispatcher
+from syncd.retry.policy import RetryPolicy
+from syncd.store import Store
+
+log = structlog.get_logger("syncd.daemon")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def policy_from(config: Config) -> RetryPolicy:
+    d = config.delivery
+    return RetryPolicy(
+        schedule=tuple(d.schedule_seconds),
+        window=d.retry_window_seconds,
+        jitter=d.jitter,
+        max_step=d.max_step_seconds,
+        overload_floor=d.rate_limited_floor_seconds,
+    )
+
+
+def build_app(store: Store, config: Config, dispatcher: Dispatcher | None) -> FastAPI:
+    app = FastAPI(title="syncd", version="0.1.0", docs_url="/api/docs", openapi_url="/api/v1/openapi.json")
+    sources = {
+        name: GenericSource(name, src, config.destinations_for(name))
+        for name, src in config.sources.items()
+    }
+    app.include_router(
+        intake_router(
+            store,
+            sources,
+            max_body_bytes=config.server.max_body_bytes,
+            on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
+        )
+    )
+    app.include_router(monitor_router(store))
+    return app
+
+
+def build_connectors(
+    config: Config, transport: httpx.AsyncBaseTransport | None = None
+) -> dict[str, Connector]:
+    return {
+        name: registry.build(name, dest, timeout=config.delivery.request_timeout_seconds, transport=transport)
+        for name, dest in config.destinations.items()
+    }
+
+
+async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the process exit code."""
+    logs.redactor.add(config.secret_values())
+    store = Store(resolve_store_url(config), busy_timeout_ms=config.store.busy_timeout_ms)
+    exclusive = store.lock_exclusive()
+    if migrate:
+        before, after = store.migrate()
+        if before != after:
+            log.info("store_migrated", from_version=before, to_version=after)
+    store.check_schema()
+    store.start()
+
+    now = time.time()
+    reclaimed = await store.writer.run(
+        lambda conn: outbox.recover_leases(conn, now, all_leases=exclusive)
+    )
+    if reclaimed:
+        log.warning("leases_reclaimed", count=reclaimed, reason="previous run stopped mid-delivery")
+
+    d = config.delivery
+    connectors = build_connectors(config)
+    dispatcher = Dispatcher(
+        store,
+        connectors,
+        policy_from(config),
+        concurrency=d.concurrency,
+        batch_size=d.batch_size,
+        lease_seconds=d.lease_seconds,
+        poll_interval=d.poll_interval_seconds,
+        install_id=store.install_id(),
+    )
+    app = build_app(store, config, dispatcher)
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+    )
+
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    _schedule_jobs(scheduler, store, config)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server_task = asyncio.create_task(server.serve(), name="http")
+    dispatcher_task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    scheduler.start()
+    log.info(
+        "syncd_started",
+        listen=f"http://{config.server.host}:{config.server.port}",
+        store=store.safe_url,
+        destinations=sorted(connectors),
+        sources=sorted(config.sources),
+    )
+
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait(
+        {server_task, dispatcher_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
+    )
+    exit_code = 0
+    for task in done:
+        if task is not stop_task and task.exception() is not None:
+            log.error("component_crashed", component=task.get_name(), error=str(task.exception()))
+            exit_code = 1
+    if server_task in done and not server.started:
+        exit_code = 1
+
+    log.info("syncd_stopping", grace_seconds=d.shutdown_grace_seconds)
+    cut = await dispatcher.stop(d.shutdown_grace_seconds)
+    if cut:
+        log.warning("deliveries_cut_off", count=cut, note="their leases are reclaimed on next start")
+    with contextlib.suppress(Exception):
+        await dispatcher_task
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await server_task
+    scheduler.shutdown(wait=False)
+    for connector in connectors.values():
+        with contextlib.suppress(Exception):
+            await connector.aclose()
+    stop_task.cancel()
+    store.close()
+    log.info("syncd_stopped", exit_code=exit_code)
+    return exit_code
+
+
+def _schedule_jobs(scheduler: AsyncIOScheduler, store: Store, config: Config) -> None:
+    d = config.delivery
+
+    async def recover() -> None:
+        n = await store.writer.run(lambda conn: outbox.recover_leases(conn, time.time()))
+        if n:
+            log.warning("leases_reclaimed", count=n, reason="lease expired")
+
+    async def expire() -> None:
+        grace = max(3600.0, d.lease_seconds)
+        n = await store.writer.run(
+            lambda conn: outbox.expire_overdue(conn, time.time(), window=d.retry_window_seconds, grace=grace)
+        )
+        if n:
+            log.warning("deliveries_expired", count=n, reason="retry window closed while syncd was down")
+
+    async def purge() -> None:
+        before = time.time() - d.retention_days * 86400
+        n = await store.writer.run(lambda conn: outbox.purge_delivered(conn, before))
+        if n:
+            log.info("delivered_purged", count=n, older_than_days=d.retention_days)
+
+    scheduler.add_job(recover, "interval", seconds=d.lease_recovery_interval_seconds, id="lease_recovery")
+    scheduler.add_job(expire, "interval", seconds=60, id="window_expiry")
+    scheduler.add_job(purge, "interval", seconds=3600, id="retention_purge")

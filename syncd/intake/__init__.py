@@ -1,0 +1,1 @@
+"""Intake: webhooks in, durable events out. Answers only once the event is on disk."""

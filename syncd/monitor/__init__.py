@@ -1,0 +1,1 @@
+"""Monitoring: JSON API and (later) the web UI."""

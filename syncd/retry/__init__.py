@@ -1,0 +1,1 @@
+"""Outbox, retry policy and the dispatcher that drains the outbox."""

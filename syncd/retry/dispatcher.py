@@ -1,0 +1,222 @@
+"""The dispatcher: leases due deliveries, runs them with bounded concurrency, records outcomes.
+
+It never sleeps on a retry: a failed delivery goes back to the store with
+its next attempt time and the loop moves on. Stopping is graceful: leasing
+stops at once, running deliveries get ``grace`` seconds to finish, and
+anything still running after that keeps its lease and is reclaimed on the
+next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from syncd.connectors.base import Connector, DeliveryContext
+from syncd.errors import DeliveryError, MappingError, PermanentError
+from syncd.logs import redactor
+from syncd.mapping import Plan, plan_event
+from syncd.retry import outbox
+from syncd.retry.links import StoreLinkBook
+from syncd.retry.policy import Expire, Fail, Retry, RetryPolicy
+from syncd.store import Store
+from syncd.store.models import DeliveryState
+
+log = structlog.get_logger("syncd.dispatcher")
+
+Planner = Callable[[outbox.Leased], Plan]
+
+
+def default_planner(row: outbox.Leased) -> Plan:
+    return plan_event(
+        source=row.source,
+        ticket_id=row.ticket_id,
+        kind=row.kind,
+        event_id=row.event_id,
+        payload=row.payload,
+    )
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        connectors: Mapping[str, Connector],
+        policy: RetryPolicy,
+        *,
+        concurrency: int = 16,
+        batch_size: int = 100,
+        lease_seconds: float = 120.0,
+        poll_interval: float = 0.5,
+        install_id: str = "0",
+        planner: Planner = default_planner,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.connectors = connectors
+        self.policy = policy
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.install_id = install_id
+        self.planner = planner
+        self.clock = clock
+        self.owner = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+
+    def wake(self) -> None:
+        """New work may be due: skip the rest of the poll interval."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            self._wake.clear()
+            try:
+                leased = await self.store.writer.run(
+                    lambda conn, n=min(free, self.batch_size): outbox.lease(
+                        conn,
+                        owner=self.owner,
+                        now=self.clock(),
+                        lease_seconds=self.lease_seconds,
+                        limit=n,
+                    )
+                )
+            except Exception as exc:
+                log.error("lease_failed", error=redactor.clean(str(exc)))
+                await self._idle()
+                continue
+            for row in leased:
+                task = asyncio.create_task(self._deliver(row))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            if not leased:
+                await self._idle()
+
+    async def _idle(self) -> None:
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def stop(self, grace: float) -> int:
+        """Stop leasing; wait up to ``grace`` s for running deliveries. Returns how many were cut off."""
+        self._stopping.set()
+        if not self._running:
+            return 0
+        _done, pending = await asyncio.wait(set(self._running), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return len(pending)
+
+    async def _deliver(self, row: outbox.Leased) -> None:
+        bound = log.bind(
+            event_id=row.event_id,
+            delivery_id=row.delivery_id,
+            ticket_id=row.ticket_id,
+            destination=row.destination,
+            attempt=row.attempt,
+        )
+        started = self.clock()
+        t0 = time.perf_counter()
+        error: DeliveryError | None = None
+        try:
+            connector = self.connectors.get(row.destination)
+            if connector is None:
+                raise PermanentError(f"destination {row.destination!r} is not configured")
+            try:
+                plan = self.planner(row)
+            except MappingError as exc:
+                raise PermanentError(f"mapping failed: {exc}") from None
+            ctx = DeliveryContext(
+                delivery_id=row.delivery_id,
+                event_id=row.event_id,
+                destination=row.destination,
+                attempt=row.attempt,
+                links=StoreLinkBook(self.store, row.destination, row.delivery_id),
+                install_id=self.install_id,
+            )
+            await connector.execute(plan, ctx)
+        except DeliveryError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            raise  # shutdown past the grace period: the lease will be reclaimed
+        except Exception as exc:  # a connector bug must not kill the dispatcher
+            error = DeliveryError(f"unexpected {type(exc).__name__}: {exc}")
+            bound.exception("connector_crashed")
+        duration_ms = (time.perf_counter() - t0) * 1000
+        outcome = self._outcome(row, error, started, duration_ms)
+        try:
+            await self.store.writer.run(lambda conn: outbox.complete(conn, [outcome], self.clock()))
+        except Exception as exc:
+            # The lease stays; recovery will hand it out again. Nothing is lost.
+            bound.error("outcome_not_recorded", error=redactor.clean(str(exc)))
+            return
+        fields: dict[str, object] = {"duration_ms": round(duration_ms, 1)}
+        if outcome.status_code is not None:
+            fields["status_code"] = outcome.status_code
+        if outcome.error:
+            fields["error"] = outcome.error
+        if outcome.next_attempt_at is not None:
+            fields["next_attempt_in_s"] = round(outcome.next_attempt_at - self.clock(), 1)
+        level = "info" if outcome.state == DeliveryState.DELIVERED else "warning"
+        getattr(bound, level)(outcome.label, **fields)
+        self.wake()  # the next event of this ticket may now be due
+
+    def _outcome(
+        self, row: outbox.Leased, error: DeliveryError | None, started: float, duration_ms: float
+    ) -> outbox.Outcome:
+        common = {
+            "delivery_id": row.delivery_id,
+            "lease_owner": self.owner,
+            "attempt": row.attempt,
+            "started_at": started,
+            "duration_ms": duration_ms,
+        }
+        if error is None:
+            return outbox.Outcome(
+                state=DeliveryState.DELIVERED, first_failed_at=row.first_failed_at, **common
+            )  # type: ignore[arg-type]
+        now = self.clock()
+        first_failed_at = row.first_failed_at if row.first_failed_at is not None else now
+        failures = row.attempt
+        decision = self.policy.decide(
+            error, failures=failures, first_failed_at=first_failed_at, now=now, rng=self._rng
+        )
+        text = redactor.clean(str(error))
+        if isinstance(decision, Retry):
+            return outbox.Outcome(
+                state=DeliveryState.RETRY_WAIT,
+                status_code=error.status_code,
+                error=text,
+                next_attempt_at=decision.at,
+                first_failed_at=first_failed_at,
+                **common,  # type: ignore[arg-type]
+            )
+        state = DeliveryState.FAILED if isinstance(decision, Fail) else DeliveryState.EXPIRED
+        assert isinstance(decision, Fail | Expire)
+        return outbox.Outcome(
+            state=state,
+            status_code=error.status_code,
+            error=redactor.clean(decision.reason),
+            first_failed_at=first_failed_at,
+            **common,  # type: ignore[arg-type]
+        )

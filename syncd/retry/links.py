@@ -1,0 +1,102 @@
+"""The links table seen through the connector's LinkBook protocol."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.exc import IntegrityError
+
+from syncd.connectors.base import LinkRef
+from syncd.store import Store
+from syncd.store.models import links
+
+
+def get_link(conn: Connection, destination: str, entity: str, external_key: str) -> LinkRef | None:
+    row = conn.execute(
+        select(links.c.crm_id, links.c.url).where(
+            links.c.destination == destination,
+            links.c.entity == entity,
+            links.c.external_key == external_key,
+        )
+    ).first()
+    return None if row is None else LinkRef(crm_id=row.crm_id, url=row.url)
+
+
+def intend(conn: Connection, destination: str, entity: str, external_key: str, delivery_id: int) -> None:
+    now = time.time()
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                links.insert().values(
+                    destination=destination,
+                    entity=entity,
+                    external_key=external_key,
+                    crm_id=None,
+                    delivery_id=delivery_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    except IntegrityError:
+        pass  # an intent or a link already exists; both mean "look before creating"
+
+
+def record(
+    conn: Connection,
+    destination: str,
+    entity: str,
+    external_key: str,
+    crm_id: str,
+    url: str | None,
+    delivery_id: int,
+) -> None:
+    now = time.time()
+    updated = conn.execute(
+        update(links)
+        .where(
+            links.c.destination == destination,
+            links.c.entity == entity,
+            links.c.external_key == external_key,
+        )
+        .values(crm_id=crm_id, url=url, delivery_id=delivery_id, updated_at=now)
+    )
+    if not updated.rowcount:
+        conn.execute(
+            links.insert().values(
+                destination=destination,
+                entity=entity,
+                external_key=external_key,
+                crm_id=crm_id,
+                url=url,
+                delivery_id=delivery_id,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+
+class StoreLinkBook:
+    """Links for one destination and one delivery, read and written through the store."""
+
+    def __init__(self, store: Store, destination: str, delivery_id: int) -> None:
+        self._store = store
+        self._destination = destination
+        self._delivery_id = delivery_id
+
+    async def get(self, entity: str, external_key: str) -> LinkRef | None:
+        return await self._store.writer.run(
+            lambda conn: get_link(conn, self._destination, entity, external_key)
+        )
+
+    async def intend(self, entity: str, external_key: str) -> None:
+        await self._store.writer.run(
+            lambda conn: intend(conn, self._destination, entity, external_key, self._delivery_id)
+        )
+
+    async def record(self, entity: str, external_key: str, crm_id: str, url: str | None) -> None:
+        await self._store.writer.run(
+            lambda conn: record(
+                conn, self._destination, entity, external_key, crm_id, url, self._delivery_id
+            )
+        )

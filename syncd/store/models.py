@@ -1,0 +1,125 @@
+"""The tables syncd keeps. Times are UTC epoch seconds (float): portable, cheap to compare.
+
+An *event* is what a helpdesk sent us. A *delivery* is that event's journey to
+one destination; it carries the outbox state machine. An *attempt* is one try
+of a delivery. A *link* ties a helpdesk entity to the CRM record made for it,
+and doubles as the "about to create" intent that makes retries safe.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Column, Index, Integer, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# SQLite only aliases the rowid for INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    RETRY_WAIT = "retry_wait"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+#: States a delivery can still leave on its own.
+ACTIVE_STATES = (DeliveryState.PENDING, DeliveryState.IN_FLIGHT, DeliveryState.RETRY_WAIT)
+TERMINAL_STATES = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED)
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("source", "dedup_key", name="uq_events_source_dedup"),
+        Index("ix_events_ticket", "source", "ticket_id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    source: str = Field(max_length=64)
+    ticket_id: str = Field(max_length=128)
+    kind: str = Field(max_length=64)
+    dedup_key: str | None = Field(default=None, max_length=200)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    received_at: float
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_due", "next_attempt_at", "id"),
+        Index("ix_deliveries_order", "destination", "ordering_key", "id"),
+        Index("ix_deliveries_state", "state", "destination"),
+        Index("ix_deliveries_event", "event_id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    event_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    destination: str = Field(max_length=64)
+    #: Deliveries sharing (destination, ordering_key) go out strictly in id order.
+    ordering_key: str = Field(max_length=200)
+    state: str = Field(default=DeliveryState.PENDING, max_length=16)
+    attempts: int = 0
+    #: Set only while the delivery may be leased (pending / retry_wait); NULL otherwise.
+    next_attempt_at: float | None = None
+    first_failed_at: float | None = None
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: float | None = None
+    #: A previous attempt may have reached the CRM without us learning the result.
+    outcome_unknown: bool = False
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    last_status_code: int | None = None
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+
+
+class Attempt(SQLModel, table=True):
+    __tablename__ = "attempts"
+    __table_args__ = (Index("ix_attempts_delivery", "delivery_id", "number"),)
+
+    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    delivery_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    number: int
+    trigger: str = Field(default="scheduled", max_length=16)
+    started_at: float
+    duration_ms: float
+    status_code: int | None = None
+    outcome: str = Field(max_length=24)
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    next_attempt_at: float | None = None
+
+
+class Link(SQLModel, table=True):
+    __tablename__ = "links"
+    __table_args__ = (
+        UniqueConstraint("destination", "entity", "external_key", name="uq_links_key"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    destination: str = Field(max_length=64)
+    entity: str = Field(max_length=32)
+    external_key: str = Field(max_length=200)
+    #: NULL while a create is in the air: the intent that forces a look-up on retry.
+    crm_id: str | None = Field(default=None, max_length=64)
+    url: str | None = Field(default=None, max_length=500)
+    delivery_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    created_at: float
+    updated_at: float
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "meta"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=500)
+
+
+events = Event.__table__  # type: ignore[attr-defined]
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+attempts = Attempt.__table__  # type: ignore[attr-defined]
+links = Link.__table__  # type: ignore[attr-defined]
+meta = Meta.__table__  # type: ignore[attr-defined]
