@@ -66,7 +66,9 @@ def migrate(config: Path = ConfigOption) -> None:
 @app.command()
 def run(
     config: Path = ConfigOption,
-    no_migrate: bool = typer.Option(False, "--no-migrate", help="Refuse to start on an old schema."),
+    no_migrate: bool = typer.Option(
+        False, "--no-migrate", help="Refuse to start on an old schema."
+    ),
 ) -> None:
     """Run the daemon: intake, dispatcher and scheduler, until SIGTERM or Ctrl-C."""
     from syncd.daemon import serve
@@ -106,7 +108,9 @@ def stats(config: Path = ConfigOption) -> None:
 def sink(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8790),
-    token: str | None = typer.Option(None, envvar="SYNCD_SINK_TOKEN", help="Require this bearer token."),
+    token: str | None = typer.Option(
+        None, envvar="SYNCD_SINK_TOKEN", help="Require this bearer token."
+    ),
 ) -> None:
     """Serve the bundled generic REST receiver (what the demo delivers to)."""
     import uvicorn
@@ -119,15 +123,21 @@ def sink(
 
 @app.command()
 def demo(
-    directory: Path | None = typer.Option(None, "--dir", help="Where to keep the demo's files (default: a temp dir)."),
+    directory: Path | None = typer.Option(
+        None, "--dir", help="Where to keep the demo's files (default: a temp dir)."
+    ),
     port: int = typer.Option(8780, help="Port of the syncd HTTP server."),
     tickets: int = typer.Option(40, help="How many sample tickets to send."),
-    exit_when_done: bool = typer.Option(False, "--exit-when-done", help="Stop once everything is delivered."),
+    exit_when_done: bool = typer.Option(
+        False, "--exit-when-done", help="Stop once everything is delivered."
+    ),
 ) -> None:
     """Run syncd on a fresh SQLite file against the bundled receiver, fed with sample tickets."""
     from syncd.demo import run_demo
 
-    raise typer.Exit(asyncio.run(run_demo(directory, port=port, tickets=tickets, exit_when_done=exit_when_done)))
+    raise typer.Exit(
+        asyncio.run(run_demo(directory, port=port, tickets=tickets, exit_when_done=exit_when_done))
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

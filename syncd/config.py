@@ -49,7 +49,8 @@ class DeliveryConfig(_Strict):
     lease_seconds: float = Field(default=120.0, gt=0)
     retry_window_seconds: float = Field(default=24 * 3600, gt=0)
     schedule_seconds: list[float] = Field(
-        default_factory=lambda: [10, 60, 300, 1800, 3600, 7200, 14400, 28800], min_length=1
+        default_factory=lambda: [10.0, 60.0, 300.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0],
+        min_length=1,
     )
     jitter: float = Field(default=0.2, ge=0, lt=1)
     max_step_seconds: float = Field(default=8 * 3600, gt=0)
@@ -81,9 +82,11 @@ class SourceConfig(_Strict):
 
     kind: Literal["generic"] = "generic"
     secret: SecretStr
-    secret_header: str = "X-Syncd-Secret"
+    secret_header: str = "X-Syncd-Secret"  # noqa: S105 - a header name
     ticket_id_field: str = "ticket_id"
     kind_field: str = "event"
+    #: Dotted path of a unique event id in the body; an id seen before is stored once.
+    dedup_field: str | None = None
     destinations: list[str] | None = None
 
 
@@ -137,7 +140,9 @@ def _secrets_in(value: Any, key: str = "") -> list[str]:
     if isinstance(value, SecretStr):
         return [value.get_secret_value()]
     if isinstance(value, str) and _SECRET_KEY.search(key):
-        return [value]
+        # "Bearer abc" / "Basic abc": the credential alone may be echoed back, mask it too.
+        scheme, _, credential = value.partition(" ")
+        return [value, credential] if credential and scheme.isalpha() else [value]
     return []
 
 
@@ -152,7 +157,9 @@ def _resolve(raw: Any, path: tuple[str, ...], base: Path, problems: list[tuple[s
             if key.endswith("_file") and isinstance(value, str) and len(key) > 5:
                 target = key[: -len("_file")]
                 if target in raw:
-                    problems.append((_dotted((*path, key)), f"set either {target} or {key}, not both"))
+                    problems.append(
+                        (_dotted((*path, key)), f"set either {target} or {key}, not both")
+                    )
                     continue
                 file_path = Path(os.path.expandvars(value))
                 if not file_path.is_absolute():
@@ -160,7 +167,9 @@ def _resolve(raw: Any, path: tuple[str, ...], base: Path, problems: list[tuple[s
                 try:
                     out[target] = file_path.read_text(encoding="utf-8").strip()
                 except OSError as exc:
-                    problems.append((_dotted((*path, key)), f"cannot read {file_path}: {exc.strerror}"))
+                    problems.append(
+                        (_dotted((*path, key)), f"cannot read {file_path}: {exc.strerror}")
+                    )
                 continue
             out[key] = _resolve(value, (*path, key), base, problems)
         return out
@@ -205,31 +214,39 @@ def parse_config(text: str, file_name: str, base: Path | None = None) -> Config:
                 message = "required key is missing"
             problems.append(ConfigProblem(file_name, key, message))
 
-    if config is not None:
-        problems.extend(_cross_checks(config, file_name))
+    if isinstance(resolved, dict):
+        problems.extend(_cross_checks(resolved, file_name))
     if problems:
         raise ConfigError(_unique(problems))
     assert config is not None
     return config.model_copy(update={"path": Path(file_name)})
 
 
-def _cross_checks(config: Config, file_name: str) -> list[ConfigProblem]:
+def _cross_checks(raw: dict[str, Any], file_name: str) -> list[ConfigProblem]:
+    """Checks that span sections, run on the raw data so they report even when a section fails."""
     from syncd.connectors.registry import validate_destination  # registry imports config
 
     problems: list[ConfigProblem] = []
-    for name, src in config.sources.items():
-        for i, dest in enumerate(src.destinations or []):
-            if dest not in config.destinations:
+    sources = raw.get("sources") if isinstance(raw.get("sources"), dict) else {}
+    destinations = raw.get("destinations") if isinstance(raw.get("destinations"), dict) else {}
+    assert isinstance(sources, dict) and isinstance(destinations, dict)
+    known = ", ".join(destinations) or "none"
+    for name, src in sources.items():
+        wanted = src.get("destinations") if isinstance(src, dict) else None
+        for i, dest in enumerate(wanted if isinstance(wanted, list) else []):
+            if dest not in destinations:
                 problems.append(
                     ConfigProblem(
                         file_name,
                         f"sources.{name}.destinations.{i}",
-                        f"no destination named {dest!r} (known: {', '.join(config.destinations) or 'none'})",
+                        f"no destination named {dest!r} (known: {known})",
                     )
                 )
-    for name, dest_cfg in config.destinations.items():
-        for key, message in validate_destination(dest_cfg):
-            problems.append(ConfigProblem(file_name, f"destinations.{name}.{key}".rstrip("."), message))
+    for name, dest_raw in destinations.items():
+        if not isinstance(dest_raw, dict) or not isinstance(dest_raw.get("kind"), str):
+            continue  # the model validation reports these
+        for key, message in validate_destination(DestinationConfig.model_validate(dest_raw)):
+            problems.append(ConfigProblem(file_name, f"destinations.{name}.{key}", message))
     return problems
 
 
@@ -249,7 +266,9 @@ def load_config(path: str | Path) -> Config:
     try:
         text = file_path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigProblem(str(file_path), "", f"cannot read file: {exc.strerror}")]) from None
+        raise ConfigError(
+            [ConfigProblem(str(file_path), "", f"cannot read file: {exc.strerror}")]
+        ) from None
     config = parse_config(text, str(file_path), base=file_path.resolve().parent)
     return config
 

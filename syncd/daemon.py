@@ -49,7 +49,9 @@ def policy_from(config: Config) -> RetryPolicy:
 
 
 def build_app(store: Store, config: Config, dispatcher: Dispatcher | None) -> FastAPI:
-    app = FastAPI(title="syncd", version="0.1.0", docs_url="/api/docs", openapi_url="/api/v1/openapi.json")
+    app = FastAPI(
+        title="syncd", version="0.1.0", docs_url="/api/docs", openapi_url="/api/v1/openapi.json"
+    )
     sources = {
         name: GenericSource(name, src, config.destinations_for(name))
         for name, src in config.sources.items()
@@ -70,7 +72,9 @@ def build_connectors(
     config: Config, transport: httpx.AsyncBaseTransport | None = None
 ) -> dict[str, Connector]:
     return {
-        name: registry.build(name, dest, timeout=config.delivery.request_timeout_seconds, transport=transport)
+        name: registry.build(
+            name, dest, timeout=config.delivery.request_timeout_seconds, transport=transport
+        )
         for name, dest in config.destinations.items()
     }
 
@@ -153,7 +157,9 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     log.info("syncd_stopping", grace_seconds=d.shutdown_grace_seconds)
     cut = await dispatcher.stop(d.shutdown_grace_seconds)
     if cut:
-        log.warning("deliveries_cut_off", count=cut, note="their leases are reclaimed on next start")
+        log.warning(
+            "deliveries_cut_off", count=cut, note="their leases are reclaimed on next start"
+        )
     with contextlib.suppress(Exception):
         await dispatcher_task
     server.should_exit = True
@@ -180,10 +186,14 @@ def _schedule_jobs(scheduler: AsyncIOScheduler, store: Store, config: Config) ->
     async def expire() -> None:
         grace = max(3600.0, d.lease_seconds)
         n = await store.writer.run(
-            lambda conn: outbox.expire_overdue(conn, time.time(), window=d.retry_window_seconds, grace=grace)
+            lambda conn: outbox.expire_overdue(
+                conn, time.time(), window=d.retry_window_seconds, grace=grace
+            )
         )
         if n:
-            log.warning("deliveries_expired", count=n, reason="retry window closed while syncd was down")
+            log.warning(
+                "deliveries_expired", count=n, reason="retry window closed while syncd was down"
+            )
 
     async def purge() -> None:
         before = time.time() - d.retention_days * 86400
@@ -191,6 +201,8 @@ def _schedule_jobs(scheduler: AsyncIOScheduler, store: Store, config: Config) ->
         if n:
             log.info("delivered_purged", count=n, older_than_days=d.retention_days)
 
-    scheduler.add_job(recover, "interval", seconds=d.lease_recovery_interval_seconds, id="lease_recovery")
+    scheduler.add_job(
+        recover, "interval", seconds=d.lease_recovery_interval_seconds, id="lease_recovery"
+    )
     scheduler.add_job(expire, "interval", seconds=60, id="window_expiry")
     scheduler.add_job(purge, "interval", seconds=3600, id="retention_purge")

@@ -80,9 +80,15 @@ def _sample_events(count: int, seed: int = 7) -> list[dict[str, object]]:
         )
         for _ in range(rng.randint(0, 2)):
             events.append(
-                {"event": "comment_added", "ticket_id": ticket, "comment": f"Message about #{ticket}"}
+                {
+                    "event": "comment_added",
+                    "ticket_id": ticket,
+                    "comment": f"Message about #{ticket}",
+                }
             )
-        events.append({"event": "status_changed", "ticket_id": ticket, "status": rng.choice(_STATUSES)})
+        events.append(
+            {"event": "status_changed", "ticket_id": ticket, "status": rng.choice(_STATUSES)}
+        )
     return events
 
 
@@ -115,7 +121,9 @@ async def run_demo(directory: Path | None, *, port: int, tickets: int, exit_when
                 print("syncd demo: the CRM goes down for a moment (15 failed requests)...")
                 with sink_state.lock:
                     sink_state.faults = Faults(fail_count=15, fail_status=503)
-            response = await client.post("/hooks/helpdesk", json=body, headers={"X-Syncd-Secret": secret})
+            response = await client.post(
+                "/hooks/helpdesk", json=body, headers={"X-Syncd-Secret": secret}
+            )
             response.raise_for_status()
         print(f"syncd demo: sent {len(events)} events for {tickets} tickets")
 
@@ -151,13 +159,16 @@ async def _wait_until_up(client: httpx.AsyncClient, daemon: asyncio.Task[int]) -
 
 
 async def _wait_delivered(
-    client: httpx.AsyncClient, expected: int, daemon: asyncio.Task[int], timeout: float = 120
+    client: httpx.AsyncClient, expected: int, daemon: asyncio.Task[int], limit: float = 120
 ) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     totals: dict[str, int] = {}
     while time.monotonic() < deadline and not daemon.done():
         totals = (await client.get("/api/v1/stats")).json()["totals"]
-        if totals.get("delivered", 0) + totals.get("failed", 0) + totals.get("expired", 0) >= expected:
+        if (
+            totals.get("delivered", 0) + totals.get("failed", 0) + totals.get("expired", 0)
+            >= expected
+        ):
             break
         await asyncio.sleep(0.25)
     return totals

@@ -40,7 +40,9 @@ class LinkBook(Protocol):
     async def intend(self, entity: str, external_key: str) -> None:
         """Durably note that a create is about to be sent (before sending it)."""
 
-    async def record(self, entity: str, external_key: str, crm_id: str, url: str | None) -> None: ...
+    async def record(
+        self, entity: str, external_key: str, crm_id: str, url: str | None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ class RecordConnector(Connector):
             await ctx.links.record(op.entity, op.external_key, created.crm_id, created.url)
             known[op.external_key] = created.crm_id
 
-    async def _parent_id(self, op: Upsert, known: dict[str, str], ctx: DeliveryContext) -> str | None:
+    async def _parent_id(
+        self, op: Upsert, known: dict[str, str], ctx: DeliveryContext
+    ) -> str | None:
         if op.parent is None:
             return None
         if op.parent in known:

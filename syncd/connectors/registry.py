@@ -45,7 +45,9 @@ def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
     try:
         cls = connector_class(dest.kind)
     except KeyError:
-        return [("kind", f"unknown connector kind {dest.kind!r} (known: {', '.join(known_kinds())})")]
+        return [
+            ("kind", f"unknown connector kind {dest.kind!r} (known: {', '.join(known_kinds())})")
+        ]
     try:
         cls.settings_model.model_validate(dest.settings())
     except ValidationError as exc:

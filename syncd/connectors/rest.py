@@ -112,7 +112,9 @@ class RestConnector(RecordConnector):
     async def _send(
         self, template: RequestTemplate, variables: dict[str, Any], idempotency_key: str | None
     ) -> httpx.Response:
-        url_vars = {k: quote(str(v), safe="") for k, v in variables.items() if isinstance(v, str | int)}
+        url_vars = {
+            k: quote(str(v), safe="") for k, v in variables.items() if isinstance(v, str | int)
+        }
         path = string.Template(template.path).safe_substitute(url_vars)
         headers = {self.settings.idempotency_header: idempotency_key} if idempotency_key else {}
         body = _render(template.body, variables) if template.body is not None else None

@@ -30,9 +30,13 @@ class ServerThread:
         self.host = host
         self.port = port or free_port(host)
         self._server = _QuietServer(
-            uvicorn.Config(app, host=host, port=self.port, log_config=None, access_log=False, lifespan="off")
+            uvicorn.Config(
+                app, host=host, port=self.port, log_config=None, access_log=False, lifespan="off"
+            )
         )
-        self._thread = threading.Thread(target=self._server.run, name=f"serve-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, name=f"serve-{self.port}", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -26,6 +26,8 @@ class Faults:
     retry_after: float | None = None
     hang_count: int = 0
     hang_seconds: float = 30.0
+    #: Added to every request, to widen the window in which a crash can catch one.
+    latency_seconds: float = 0.0
 
 
 @dataclass
@@ -68,12 +70,22 @@ def create_sink(token: str | None = None) -> tuple[FastAPI, SinkState]:
             f.fail_count -= 1
             headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
             return Response(
-                f.fail_body, status_code=f.fail_status, media_type="application/json", headers=headers
+                f.fail_body,
+                status_code=f.fail_status,
+                media_type="application/json",
+                headers=headers,
             )
         return None
 
     def _authorized(request: Request) -> bool:
         return token is None or request.headers.get("authorization") == f"Bearer {token}"
+
+    @app.middleware("http")
+    async def _latency(request: Request, call_next: Any) -> Response:
+        if state.faults.latency_seconds:
+            await asyncio.sleep(state.faults.latency_seconds)
+        response: Response = await call_next(request)
+        return response
 
     @app.post("/records", status_code=201)
     async def create(request: Request) -> Response:

@@ -43,13 +43,16 @@ class GenericSource:
         ticket_id = _dig(data, self.config.ticket_id_field)
         if isinstance(ticket_id, bool) or not isinstance(ticket_id, str | int) or ticket_id == "":
             raise InvalidPayload(
-                f"field {self.config.ticket_id_field!r} must hold the ticket id (a string or number)"
+                f"field {self.config.ticket_id_field!r} must hold the ticket id "
+                "(a string or number)"
             )
         kind = _dig(data, self.config.kind_field)
+        dedup = _dig(data, self.config.dedup_field) if self.config.dedup_field else None
         return IncomingEvent(
             source=self.name,
             ticket_id=str(ticket_id),
             kind=str(kind) if isinstance(kind, str | int) and kind != "" else "ticket_updated",
             payload=data,
+            dedup_key=str(dedup) if isinstance(dedup, str | int) and dedup != "" else None,
             destinations=self.destinations,
         )

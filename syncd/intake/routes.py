@@ -51,7 +51,11 @@ def intake_router(
         stored = await store.writer.run(lambda conn: outbox.enqueue(conn, event, time.time()))
         on_stored()
         return JSONResponse(
-            {"event_id": stored.event_id, "deliveries": stored.deliveries, "duplicate": stored.duplicate},
+            {
+                "event_id": stored.event_id,
+                "deliveries": stored.deliveries,
+                "duplicate": stored.duplicate,
+            },
             status_code=202,
         )
 

@@ -34,7 +34,9 @@ def monitor_router(store: Store) -> APIRouter:
         return {
             "destinations": result["destinations"],
             "totals": totals,
-            "oldest_pending_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
+            "oldest_pending_age_seconds": None
+            if oldest is None
+            else round(time.time() - oldest, 3),
         }
 
     return router

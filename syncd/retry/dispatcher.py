@@ -16,8 +16,11 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from functools import partial
 
 import structlog
+from sqlalchemy import Connection
 
 from syncd.connectors.base import Connector, DeliveryContext
 from syncd.errors import DeliveryError, MappingError, PermanentError
@@ -25,7 +28,7 @@ from syncd.logs import redactor
 from syncd.mapping import Plan, plan_event
 from syncd.retry import outbox
 from syncd.retry.links import StoreLinkBook
-from syncd.retry.policy import Expire, Fail, Retry, RetryPolicy
+from syncd.retry.policy import Fail, Retry, RetryPolicy
 from syncd.store import Store
 from syncd.store.models import DeliveryState
 
@@ -88,13 +91,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 leased = await self.store.writer.run(
-                    lambda conn, n=min(free, self.batch_size): outbox.lease(
-                        conn,
-                        owner=self.owner,
-                        now=self.clock(),
-                        lease_seconds=self.lease_seconds,
-                        limit=n,
-                    )
+                    partial(self._lease, min(free, self.batch_size))
                 )
             except Exception as exc:
                 log.error("lease_failed", error=redactor.clean(str(exc)))
@@ -107,16 +104,26 @@ class Dispatcher:
             if not leased:
                 await self._idle()
 
+    def _lease(self, limit: int, conn: Connection) -> list[outbox.Leased]:
+        return outbox.lease(
+            conn, owner=self.owner, now=self.clock(), lease_seconds=self.lease_seconds, limit=limit
+        )
+
     async def _idle(self) -> None:
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        waiters = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
         try:
-            await asyncio.wait(waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for w in waiters:
                 w.cancel()
 
     async def stop(self, grace: float) -> int:
-        """Stop leasing; wait up to ``grace`` s for running deliveries. Returns how many were cut off."""
+        """Stop leasing; give running deliveries ``grace`` s. Returns how many were cut off."""
         self._stopping.set()
         if not self._running:
             return 0
@@ -184,39 +191,29 @@ class Dispatcher:
     def _outcome(
         self, row: outbox.Leased, error: DeliveryError | None, started: float, duration_ms: float
     ) -> outbox.Outcome:
-        common = {
-            "delivery_id": row.delivery_id,
-            "lease_owner": self.owner,
-            "attempt": row.attempt,
-            "started_at": started,
-            "duration_ms": duration_ms,
-        }
+        base = outbox.Outcome(
+            delivery_id=row.delivery_id,
+            lease_owner=self.owner,
+            attempt=row.attempt,
+            state=DeliveryState.DELIVERED,
+            started_at=started,
+            duration_ms=duration_ms,
+            first_failed_at=row.first_failed_at,
+        )
         if error is None:
-            return outbox.Outcome(
-                state=DeliveryState.DELIVERED, first_failed_at=row.first_failed_at, **common
-            )  # type: ignore[arg-type]
+            return base
         now = self.clock()
         first_failed_at = row.first_failed_at if row.first_failed_at is not None else now
-        failures = row.attempt
         decision = self.policy.decide(
-            error, failures=failures, first_failed_at=first_failed_at, now=now, rng=self._rng
+            error, failures=row.attempt, first_failed_at=first_failed_at, now=now, rng=self._rng
         )
-        text = redactor.clean(str(error))
+        failed = replace(base, status_code=error.status_code, first_failed_at=first_failed_at)
         if isinstance(decision, Retry):
-            return outbox.Outcome(
+            return replace(
+                failed,
                 state=DeliveryState.RETRY_WAIT,
-                status_code=error.status_code,
-                error=text,
+                error=redactor.clean(str(error)),
                 next_attempt_at=decision.at,
-                first_failed_at=first_failed_at,
-                **common,  # type: ignore[arg-type]
             )
         state = DeliveryState.FAILED if isinstance(decision, Fail) else DeliveryState.EXPIRED
-        assert isinstance(decision, Fail | Expire)
-        return outbox.Outcome(
-            state=state,
-            status_code=error.status_code,
-            error=redactor.clean(decision.reason),
-            first_failed_at=first_failed_at,
-            **common,  # type: ignore[arg-type]
-        )
+        return replace(failed, state=state, error=redactor.clean(decision.reason))

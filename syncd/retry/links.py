@@ -23,7 +23,9 @@ def get_link(conn: Connection, destination: str, entity: str, external_key: str)
     return None if row is None else LinkRef(crm_id=row.crm_id, url=row.url)
 
 
-def intend(conn: Connection, destination: str, entity: str, external_key: str, delivery_id: int) -> None:
+def intend(
+    conn: Connection, destination: str, entity: str, external_key: str, delivery_id: int
+) -> None:
     now = time.time()
     try:
         with conn.begin_nested():

@@ -108,7 +108,9 @@ def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
         existing = _existing(conn, event.source, event.dedup_key)
         assert existing is not None
         return Enqueued(event_id=existing, deliveries=0, duplicate=True)
-    event_id = int(result.inserted_primary_key[0])
+    key = result.inserted_primary_key
+    assert key is not None
+    event_id = int(key[0])
     rows = [
         {
             "event_id": event_id,
@@ -259,7 +261,9 @@ def complete(conn: Connection, outcomes: Sequence[Outcome], now: float) -> int:
             "b_first_failed": o.first_failed_at,
             "b_error": o.error,
             "b_status": o.status_code,
-            "b_finished": now if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED) else None,
+            "b_finished": now
+            if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED)
+            else None,
             "b_unknown": False,
         }
         for o in outcomes
@@ -352,7 +356,9 @@ def purge_delivered(conn: Connection, before: float, *, limit: int = 5000) -> in
     event_ids = set(conn.execute(select(d.c.event_id).where(d.c.id.in_(ids))).scalars())
     conn.execute(delete(attempts).where(attempts.c.delivery_id.in_(ids)))
     conn.execute(delete(d).where(d.c.id.in_(ids)))
-    still_used = set(conn.execute(select(d.c.event_id).where(d.c.event_id.in_(event_ids))).scalars())
+    still_used = set(
+        conn.execute(select(d.c.event_id).where(d.c.event_id.in_(event_ids))).scalars()
+    )
     orphans = event_ids - still_used
     if orphans:
         conn.execute(delete(events).where(events.c.id.in_(orphans)))

@@ -41,9 +41,7 @@ Decision = Retry | Fail | Expire
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    schedule: Sequence[float] = field(
-        default=(10, 60, 300, 1800, 3600, 7200, 14400, 28800)
-    )
+    schedule: Sequence[float] = field(default=(10, 60, 300, 1800, 3600, 7200, 14400, 28800))
     window: float = 24 * 3600
     jitter: float = 0.2
     max_step: float = 8 * 3600

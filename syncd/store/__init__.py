@@ -76,12 +76,21 @@ class Store:
         try:
             with self.write_engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
+                    )
                 before = MigrationContext.configure(conn).get_current_revision()
                 command.upgrade(_alembic_config(conn), "head")
                 after = MigrationContext.configure(conn).get_current_revision()
-                if conn.execute(select(models.meta.c.value).where(models.meta.c.key == "install_id")).first() is None:
-                    conn.execute(models.meta.insert().values(key="install_id", value=secrets.token_hex(4)))
+                if (
+                    conn.execute(
+                        select(models.meta.c.value).where(models.meta.c.key == "install_id")
+                    ).first()
+                    is None
+                ):
+                    conn.execute(
+                        models.meta.insert().values(key="install_id", value=secrets.token_hex(4))
+                    )
         except OperationalError as exc:
             raise StoreError(f"cannot open the store at {self.safe_url}: {exc.orig}") from None
         assert after is not None

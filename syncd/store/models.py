@@ -38,7 +38,9 @@ class Event(SQLModel, table=True):
         Index("ix_events_ticket", "source", "ticket_id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
     source: str = Field(max_length=64)
     ticket_id: str = Field(max_length=128)
     kind: str = Field(max_length=64)
@@ -56,7 +58,9 @@ class Delivery(SQLModel, table=True):
         Index("ix_deliveries_event", "event_id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
     event_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     destination: str = Field(max_length=64)
     #: Deliveries sharing (destination, ordering_key) go out strictly in id order.
@@ -81,7 +85,9 @@ class Attempt(SQLModel, table=True):
     __tablename__ = "attempts"
     __table_args__ = (Index("ix_attempts_delivery", "delivery_id", "number"),)
 
-    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
     delivery_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     number: int
     trigger: str = Field(default="scheduled", max_length=16)
@@ -99,7 +105,9 @@ class Link(SQLModel, table=True):
         UniqueConstraint("destination", "entity", "external_key", name="uq_links_key"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
     destination: str = Field(max_length=64)
     entity: str = Field(max_length=32)
     external_key: str = Field(max_length=200)

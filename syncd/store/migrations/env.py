@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from alembic import context
 
-from syncd.store import models
+from sqlmodel import SQLModel
+
+from syncd.store import models  # noqa: F401 - registers the tables
 
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
-    target_metadata=models.SQLModel.metadata,
+    target_metadata=SQLModel.metadata,
     render_as_batch=connection.dialect.name == "sqlite",
 )
 with context.begin_transaction():
