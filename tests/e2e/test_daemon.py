@@ -29,8 +29,8 @@ def ticket(n: int, **extra: object) -> dict[str, object]:
 def attempts_of(d: Daemon, event_id: int) -> list[tuple[str, int | None, str | None]]:
     with d.db() as conn:
         rows = conn.execute(
-            "SELECT a.outcome, a.status_code, a.error FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
-            "WHERE d.event_id = ? ORDER BY a.number",
+            "SELECT a.outcome, a.status_code, a.error FROM attempts a "
+            "JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ? ORDER BY a.number",
             (event_id,),
         ).fetchall()
     return [(r["outcome"], r["status_code"], r["error"]) for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -120,5 +121,5 @@ def test_full_window_is_used_then_expires() -> None:
         now = decision.at
         times.append(now)
     assert times[-1] == pytest.approx(T0 + 24 * H)
-    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(times))
     assert 8 <= len(times) <= 12

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-
 from sqlmodel import SQLModel
 
 from syncd.store import models  # noqa: F401 - registers the tables
