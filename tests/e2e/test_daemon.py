@@ -157,7 +157,7 @@ def test_sigterm_exits_cleanly_and_restart_resumes(
 def test_secrets_never_reach_logs_or_store(
     daemon_factory: Factory, authed_sink: tuple[ServerThread, SinkState]
 ) -> None:
-    """The CRM echoes our token back in an error: neither the log nor the attempt row may keep it."""
+    """The CRM echoes our token in an error: neither the log nor the attempt row may keep it."""
     _, sink = authed_sink
     sink.faults = Faults(
         fail_count=2, fail_status=500, fail_body=f'{{"error": "token {CRM_TOKEN} rejected"}}'
