@@ -18,8 +18,9 @@ from syncd import logs
 from syncd.config import Config, resolve_store_url
 from syncd.connectors import registry
 from syncd.connectors.base import Connector
-from syncd.intake.generic import GenericSource
+from syncd.intake import registry as source_registry
 from syncd.intake.routes import intake_router
+from syncd.intake.service import Intake
 from syncd.monitor.api import monitor_router
 from syncd.retry import outbox
 from syncd.retry.dispatcher import Dispatcher
@@ -48,22 +49,28 @@ def policy_from(config: Config) -> RetryPolicy:
     )
 
 
-def build_app(store: Store, config: Config, dispatcher: Dispatcher | None) -> FastAPI:
-    app = FastAPI(
-        title="syncd", version="0.1.0", docs_url="/api/docs", openapi_url="/api/v1/openapi.json"
-    )
+def build_intake(store: Store, config: Config, dispatcher: Dispatcher | None) -> Intake:
     sources = {
-        name: GenericSource(name, src, config.destinations_for(name))
+        name: source_registry.build(name, src, default_region=config.intake.default_country)
         for name, src in config.sources.items()
     }
-    app.include_router(
-        intake_router(
-            store,
-            sources,
-            max_body_bytes=config.server.max_body_bytes,
-            on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
-        )
+    destinations = {name: tuple(config.destinations_for(name)) for name in config.sources}
+    return Intake(
+        store,
+        sources,
+        destinations,
+        on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
     )
+
+
+def build_app(store: Store, config: Config, intake: Intake) -> FastAPI:
+    app = FastAPI(
+        title="syncd",
+        version="0.1.0",
+        docs_url="/api/docs",
+        openapi_url="/api/v1/openapi.json",
+    )
+    app.include_router(intake_router(intake, max_body_bytes=config.server.max_body_bytes))
     app.include_router(monitor_router(store))
     return app
 
@@ -110,7 +117,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         poll_interval=d.poll_interval_seconds,
         install_id=store.install_id(),
     )
-    app = build_app(store, config, dispatcher)
+    intake = build_intake(store, config, dispatcher)
+    app = build_app(store, config, intake)
     server = _Server(
         uvicorn.Config(
             app,

@@ -1,17 +1,20 @@
-"""``POST /hooks/{source}``: authenticate, parse, store durably, answer 202."""
+"""``POST /hooks/{source}``: authenticate, parse, store durably, answer 202.
+
+Nothing is stored for a request that fails authentication (401). A request
+that authenticates but cannot be read gets 422 with the reason, and its raw
+body goes to quarantine.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from syncd.errors import IntakeError, PayloadTooLarge, UnknownSource
-from syncd.intake.generic import GenericSource
-from syncd.retry import outbox
-from syncd.store import Store
+from syncd.errors import IntakeError, PayloadTooLarge
+from syncd.intake.base import RawRequest
+from syncd.intake.service import Accepted, Intake
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
@@ -28,35 +31,35 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def intake_router(
-    store: Store,
-    sources: dict[str, GenericSource],
-    *,
-    max_body_bytes: int,
-    on_stored: Callable[[], None] = lambda: None,
-) -> APIRouter:
+def intake_router(intake: Intake, *, max_body_bytes: int) -> APIRouter:
     router = APIRouter()
 
     @router.post("/hooks/{source_name}", status_code=202, tags=["intake"])
     async def receive(source_name: str, request: Request) -> JSONResponse:
         try:
-            source = sources.get(source_name)
-            if source is None:
-                raise UnknownSource(f"no source named {source_name!r} is configured")
+            intake.source(source_name)
             body = await _read_limited(request, max_body_bytes)
-            source.authenticate(request.headers, body)
-            event = source.parse(body)
+            raw = RawRequest(
+                body=body,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                query=dict(request.query_params),
+                received_at=time.time(),
+            )
+            outcome = await intake.receive(source_name, raw)
         except IntakeError as exc:
             return JSONResponse({"error": exc.reason}, status_code=exc.status_code)
-        stored = await store.writer.run(lambda conn: outbox.enqueue(conn, event, time.time()))
-        on_stored()
+        if isinstance(outcome, Accepted):
+            return JSONResponse(
+                {
+                    "event_ids": outcome.event_ids,
+                    "event_id": outcome.event_ids[0] if outcome.event_ids else None,
+                    "duplicates": outcome.duplicates,
+                    "deliveries": outcome.deliveries,
+                },
+                status_code=202,
+            )
         return JSONResponse(
-            {
-                "event_id": stored.event_id,
-                "deliveries": stored.deliveries,
-                "duplicate": stored.duplicate,
-            },
-            status_code=202,
+            {"error": outcome.reason, "quarantine_id": outcome.quarantine_id}, status_code=422
         )
 
     return router

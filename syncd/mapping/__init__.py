@@ -5,30 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 from syncd.mapping.plan import Plan, Upsert
+from syncd.ticket import TicketEvent
 
 __all__ = ["Plan", "Upsert", "plan_event"]
 
-#: Payload keys that become deal fields as they are, in the walking-skeleton mapping.
-_DEAL_FIELDS = ("subject", "status", "channel", "priority", "client", "assignee", "tags")
+
+def _deal_fields(event: TicketEvent) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "ticket_id": event.ticket_id,
+        "source": event.source,
+        "last_event": event.kind.value,
+    }
+    if event.subject is not None:
+        fields["subject"] = event.subject
+    if event.status is not None:
+        fields["status"] = event.status.value
+    for name in ("channel", "priority", "assignee_id", "group_id"):
+        value = getattr(event, name)
+        if value is not None:
+            fields[name] = value
+    if event.tags:
+        fields["tags"] = list(event.tags)
+    if event.client is not None:
+        fields["client"] = {
+            "name": event.client.name,
+            "emails": list(event.client.emails),
+            "phones": list(event.client.phones),
+        }
+    return fields
 
 
-def plan_event(
-    *, source: str, ticket_id: str, kind: str, event_id: int, payload: dict[str, Any]
-) -> Plan:
-    """The minimal mapping: one deal per ticket, one timeline note per comment."""
-    deal_key = f"{source}:ticket:{ticket_id}"
-    fields: dict[str, Any] = {"ticket_id": ticket_id, "source": source, "last_event": kind}
-    for name in _DEAL_FIELDS:
-        if name in payload:
-            fields[name] = payload[name]
-    ops = [Upsert(entity="deal", external_key=deal_key, fields=fields)]
-    comment = payload.get("comment")
-    if comment:
+def plan_event(event: TicketEvent, event_id: int) -> Plan:
+    """The minimal mapping: one deal per ticket, one timeline note per public comment."""
+    deal_key = f"{event.source}:ticket:{event.ticket_id}"
+    ops = [Upsert(entity="deal", external_key=deal_key, fields=_deal_fields(event))]
+    if event.comment is not None and event.comment.text and event.comment.public:
         ops.append(
             Upsert(
                 entity="note",
-                external_key=f"{source}:event:{event_id}",
-                fields={"text": comment if isinstance(comment, str) else str(comment)},
+                external_key=f"{event.source}:event:{event_id}",
+                fields={"text": event.comment.text, "author": event.comment.author.value},
                 create_only=True,
                 parent=deal_key,
             )

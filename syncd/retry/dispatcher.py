@@ -20,6 +20,7 @@ from dataclasses import replace
 from functools import partial
 
 import structlog
+from pydantic import ValidationError
 from sqlalchemy import Connection
 
 from syncd.connectors.base import Connector, DeliveryContext
@@ -31,6 +32,7 @@ from syncd.retry.links import StoreLinkBook
 from syncd.retry.policy import Fail, Retry, RetryPolicy
 from syncd.store import Store
 from syncd.store.models import DeliveryState
+from syncd.ticket import TicketEvent
 
 log = structlog.get_logger("syncd.dispatcher")
 
@@ -38,13 +40,11 @@ Planner = Callable[[outbox.Leased], Plan]
 
 
 def default_planner(row: outbox.Leased) -> Plan:
-    return plan_event(
-        source=row.source,
-        ticket_id=row.ticket_id,
-        kind=row.kind,
-        event_id=row.event_id,
-        payload=row.payload,
-    )
+    try:
+        event = TicketEvent.model_validate(row.payload)
+    except ValidationError as exc:
+        raise MappingError(f"stored event does not fit the ticket model: {exc}") from None
+    return plan_event(event, row.event_id)
 
 
 class Dispatcher:

@@ -100,6 +100,8 @@ def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
                     dedup_key=event.dedup_key,
                     payload=json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
                     received_at=now,
+                    occurred_at=event.occurred_at,
+                    recovered_by_poll=event.recovered_by_poll,
                 )
             )
     except IntegrityError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # SQLite only aliases the rowid for INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
@@ -35,7 +35,7 @@ class Event(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (
         UniqueConstraint("source", "dedup_key", name="uq_events_source_dedup"),
-        Index("ix_events_ticket", "source", "ticket_id"),
+        Index("ix_events_ticket_time", "source", "ticket_id", "occurred_at"),
     )
 
     id: int | None = Field(
@@ -47,6 +47,9 @@ class Event(SQLModel, table=True):
     dedup_key: str | None = Field(default=None, max_length=200)
     payload: str = Field(sa_column=Column(Text, nullable=False))
     received_at: float
+    #: When the change happened in the helpdesk (the reconciler compares on it).
+    occurred_at: float | None = None
+    recovered_by_poll: bool = False
 
 
 class Delivery(SQLModel, table=True):
@@ -119,6 +122,49 @@ class Link(SQLModel, table=True):
     updated_at: float
 
 
+class QuarantineState(StrEnum):
+    HELD = "held"
+    REINGESTED = "reingested"
+    DISCARDED = "discarded"
+
+
+class Quarantined(SQLModel, table=True):
+    """A webhook that passed authentication but could not be read: kept for a human."""
+
+    __tablename__ = "quarantine"
+    __table_args__ = (Index("ix_quarantine_state", "state", "id"),)
+
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
+    source: str = Field(max_length=64)
+    received_at: float
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    #: Request headers with credentials removed, as JSON.
+    headers: str = Field(sa_column=Column(Text, nullable=False))
+    query: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(default=QuarantineState.HELD, max_length=16)
+    event_ids: str | None = Field(default=None, max_length=500)
+    updated_at: float
+
+
+class PollState(SQLModel, table=True):
+    """Where each poller stands, and how it has been doing."""
+
+    __tablename__ = "poll_state"
+
+    source: str = Field(primary_key=True, max_length=64)
+    cursor: str | None = Field(default=None, max_length=500)
+    last_poll_at: float | None = None
+    last_success_at: float | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    consecutive_failures: int = 0
+    next_poll_at: float | None = None
+    polled_tickets: int = 0
+    recovered_events: int = 0
+
+
 class Meta(SQLModel, table=True):
     __tablename__ = "meta"
 
@@ -131,3 +177,5 @@ deliveries = Delivery.__table__  # type: ignore[attr-defined]
 attempts = Attempt.__table__  # type: ignore[attr-defined]
 links = Link.__table__  # type: ignore[attr-defined]
 meta = Meta.__table__  # type: ignore[attr-defined]
+quarantine = Quarantined.__table__  # type: ignore[attr-defined]
+poll_state = PollState.__table__  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ format = "json"
 
 [sources.helpdesk]
 secret = "${{E2E_HOOK_SECRET}}"
-dedup_field = "event_uid"
+fields = {{ event_id = "event_uid" }}
 
 [destinations.crm]
 kind = "rest"

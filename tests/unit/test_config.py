@@ -39,7 +39,7 @@ def problems(text: str, name: str = "syncd.toml") -> list[str]:
 
 def test_good_config_resolves_env_references() -> None:
     cfg = parse_config(GOOD, "syncd.toml")
-    assert cfg.sources["helpdesk"].secret.get_secret_value() == "hook-secret-value"
+    assert cfg.sources["helpdesk"].settings()["secret"] == "hook-secret-value"
     assert (
         cfg.destinations["crm"].settings()["headers"]["Authorization"] == "Bearer crm-token-value"
     )
@@ -50,7 +50,8 @@ def test_good_config_resolves_env_references() -> None:
 
 def test_secret_is_not_shown_in_repr() -> None:
     cfg = parse_config(GOOD, "syncd.toml")
-    assert "hook-secret-value" not in repr(cfg)
+    assert "hook-secret-value" not in repr(cfg) and "crm-token-value" not in repr(cfg)
+    assert "hook-secret-value" not in str(cfg) and "crm-token-value" not in str(cfg)
 
 
 def test_secret_from_file(tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_secret_from_file(tmp_path: Path) -> None:
     text = GOOD.replace('secret = "${HOOK_SECRET}"', 'secret_file = "hook.secret"')
     (tmp_path / "syncd.toml").write_text(text)
     cfg = load_config(tmp_path / "syncd.toml")
-    assert cfg.sources["helpdesk"].secret.get_secret_value() == "from-a-file"
+    assert cfg.sources["helpdesk"].settings()["secret"] == "from-a-file"
 
 
 def test_every_problem_is_reported_at_once_with_key_and_file(

@@ -1,0 +1,116 @@
+"""Intake as a service: the webhook route, re-ingest and the poller all store events here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Connection
+
+from syncd.errors import InvalidPayload, UnknownSource
+from syncd.events import IncomingEvent
+from syncd.intake import quarantine
+from syncd.intake.base import RawRequest, WebhookSource
+from syncd.retry import outbox
+from syncd.store import Store
+from syncd.store.models import QuarantineState
+from syncd.ticket import TicketEvent
+
+log = structlog.get_logger("syncd.intake")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    event_ids: list[int]
+    duplicates: int
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    quarantine_id: int
+    reason: str
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        sources: Mapping[str, WebhookSource],
+        destinations: Mapping[str, tuple[str, ...]],
+        *,
+        on_stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.sources = sources
+        self.destinations = destinations
+        self.on_stored = on_stored
+
+    def source(self, name: str) -> WebhookSource:
+        found = self.sources.get(name)
+        if found is None:
+            raise UnknownSource(f"no source named {name!r} is configured")
+        return found
+
+    async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
+        """Authenticate (raises), parse, and store events or the raw body in quarantine."""
+        source = self.source(source_name)
+        source.authenticate(request)
+        try:
+            events = source.parse(request)
+        except InvalidPayload as exc:
+            reason = exc.reason
+            item_id = await self.store.writer.run(
+                lambda conn: quarantine.hold(conn, source_name, request, reason)
+            )
+            log.warning(
+                "webhook_quarantined", source=source_name, quarantine_id=item_id, reason=reason
+            )
+            return Quarantined(item_id, reason)
+        return await self.store_events(source_name, events)
+
+    async def store_events(self, source_name: str, events: list[TicketEvent]) -> Accepted:
+        dests = self.destinations.get(source_name, ())
+        incoming = [IncomingEvent.from_ticket_event(e, dests) for e in events]
+        now = time.time()
+
+        def _store(conn: Connection) -> list[outbox.Enqueued]:
+            return [outbox.enqueue(conn, item, now) for item in incoming]
+
+        stored = await self.store.writer.run(_store)
+        if any(not s.duplicate for s in stored):
+            self.on_stored()
+        return Accepted(
+            event_ids=[s.event_id for s in stored],
+            duplicates=sum(1 for s in stored if s.duplicate),
+            deliveries=sum(s.deliveries for s in stored),
+        )
+
+    async def reingest(self, item_id: int) -> Accepted | Quarantined:
+        """Parse a quarantined body again with the current config."""
+        held = await self.store.read(lambda conn: quarantine.get(conn, item_id))
+        if held is None:
+            raise KeyError(item_id)
+        if held.state != QuarantineState.HELD.value:
+            raise ValueError(f"quarantine item {item_id} is {held.state}, not held")
+        source = self.source(held.source)
+        try:
+            events = source.parse(held.as_request())
+        except InvalidPayload as exc:
+            reason = exc.reason
+            await self.store.writer.run(
+                lambda conn: quarantine.mark(
+                    conn, item_id, state=QuarantineState.HELD, reason=reason
+                )
+            )
+            return Quarantined(item_id, reason)
+        accepted = await self.store_events(held.source, events)
+        await self.store.writer.run(
+            lambda conn: quarantine.mark(
+                conn, item_id, state=QuarantineState.REINGESTED, event_ids=accepted.event_ids
+            )
+        )
+        log.info("quarantine_reingested", quarantine_id=item_id, event_ids=accepted.event_ids)
+        return accepted
