@@ -207,7 +207,7 @@ class GenericSource(WebhookSource):
             id=as_id(value.get("id")),
             text=text,
             author=AuthorKind(author)
-            if author in AuthorKind.__members__.values()
+            if author in {a.value for a in AuthorKind}
             else AuthorKind.CLIENT,
             author_id=as_id(value.get("author_id")),
             public=value.get("public") is not False,
