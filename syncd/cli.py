@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
 from syncd import logs
 from syncd.config import Config, load_config, resolve_store_url
 from syncd.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from syncd.intake.service import Intake
+    from syncd.store import Store
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -102,6 +111,151 @@ def stats(config: Path = ConfigOption) -> None:
         store.close()
     json.dump(counts, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def _open_store(cfg: Config) -> Store:
+    from syncd.store import Store
+
+    store = Store(resolve_store_url(cfg), busy_timeout_ms=cfg.store.busy_timeout_ms)
+    try:
+        store.check_schema()
+    except StoreError as exc:
+        store.close()
+        typer.echo(f"syncd: {exc}", err=True)
+        raise typer.Exit(1) from None
+    return store
+
+
+async def _with_intake(cfg: Config, work: Callable[[Intake], Awaitable[T]]) -> T:
+    from syncd.daemon import build_intake
+
+    store = _open_store(cfg)
+    store.start()
+    try:
+        return await work(build_intake(store, cfg, None))
+    finally:
+        store.close()
+
+
+@app.command()
+def poll(
+    config: Path = ConfigOption,
+    source: list[str] = typer.Option([], "--source", "-s", help="Poll only these sources."),
+) -> None:
+    """Poll the helpdesks once now and store what their webhooks missed."""
+    from syncd.daemon import build_poll_runners
+
+    cfg = _load_or_exit(config)
+    logs.configure(cfg.logging.level, "console")
+
+    async def _run(intake: Intake) -> int:
+        runners = [r for r in build_poll_runners(intake) if not source or r.source in source]
+        if not runners:
+            typer.echo("no source to poll (none is configured for polling)", err=True)
+            return 1
+        failed = 0
+        for runner in runners:
+            try:
+                report = await runner.run_once(force=True)
+            finally:
+                await runner.poller.aclose()
+            if report.error:
+                failed += 1
+                typer.echo(f"{report.source}: failed: {report.error}")
+            else:
+                typer.echo(
+                    f"{report.source}: {report.tickets} changed ticket(s) in "
+                    f"{report.pages} page(s), {report.recovered} missed event(s) recovered"
+                )
+        return 1 if failed else 0
+
+    raise typer.Exit(asyncio.run(_with_intake(cfg, _run)))
+
+
+quarantine_app = typer.Typer(no_args_is_help=True, help="Webhooks syncd could not read.")
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    config: Path = ConfigOption,
+    state: str = typer.Option("held", help="held, reingested, discarded or all."),
+    limit: int = typer.Option(50),
+) -> None:
+    """List quarantined webhooks, newest first."""
+    from syncd.intake import quarantine
+
+    cfg = _load_or_exit(config)
+    store = _open_store(cfg)
+    try:
+        with store.read_engine.connect() as conn:
+            items = quarantine.list_held(conn, state=None if state == "all" else state, limit=limit)
+    finally:
+        store.close()
+    if not items:
+        typer.echo("quarantine is empty")
+    for item in items:
+        when = datetime.fromtimestamp(item.received_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{item.id:>6}  {when}Z  {item.source:<12} {item.state:<10} {item.reason}")
+
+
+@quarantine_app.command("show")
+def quarantine_show(item_id: int, config: Path = ConfigOption) -> None:
+    """Print one quarantined webhook: reason, headers and the raw body."""
+    from syncd.intake import quarantine
+
+    cfg = _load_or_exit(config)
+    store = _open_store(cfg)
+    try:
+        with store.read_engine.connect() as conn:
+            item = quarantine.get(conn, item_id)
+    finally:
+        store.close()
+    if item is None:
+        typer.echo(f"no quarantine item {item_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"id: {item.id}\nsource: {item.source}\nstate: {item.state}\nreason: {item.reason}")
+    typer.echo(f"headers: {json.dumps(item.headers, ensure_ascii=False)}")
+    typer.echo("body:")
+    typer.echo(item.body.decode("utf-8", errors="replace"))
+
+
+@quarantine_app.command("reingest")
+def quarantine_reingest(
+    item_ids: list[int] = typer.Argument(None, help="Items to re-ingest."),
+    all_held: bool = typer.Option(False, "--all", help="Re-ingest every held item."),
+    config: Path = ConfigOption,
+) -> None:
+    """Parse quarantined webhooks again with the current config and store their events."""
+    from syncd.intake import quarantine
+    from syncd.intake.service import Accepted
+
+    cfg = _load_or_exit(config)
+
+    async def _run(intake: Intake) -> int:
+        ids = list(item_ids or [])
+        if all_held:
+            held = await intake.store.read(lambda c: quarantine.list_held(c, limit=100_000))
+            ids.extend(item.id for item in held)
+        if not ids:
+            typer.echo("nothing to re-ingest: give item ids or --all", err=True)
+            return 2
+        still_bad = 0
+        for item_id in ids:
+            try:
+                outcome = await intake.reingest(item_id)
+            except (KeyError, ValueError) as exc:
+                typer.echo(f"{item_id}: {exc}")
+                still_bad += 1
+                continue
+            if isinstance(outcome, Accepted):
+                typer.echo(f"{item_id}: stored as event(s) {outcome.event_ids}")
+            else:
+                still_bad += 1
+                typer.echo(f"{item_id}: still unreadable: {outcome.reason}")
+        return 1 if still_bad else 0
+
+    raise typer.Exit(asyncio.run(_with_intake(cfg, _run)))
 
 
 @app.command()

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import structlog
@@ -19,6 +20,7 @@ from syncd.config import Config, resolve_store_url
 from syncd.connectors import registry
 from syncd.connectors.base import Connector
 from syncd.intake import registry as source_registry
+from syncd.intake.reconcile import PollRunner
 from syncd.intake.routes import intake_router
 from syncd.intake.service import Intake
 from syncd.monitor.api import monitor_router
@@ -61,6 +63,15 @@ def build_intake(store: Store, config: Config, dispatcher: Dispatcher | None) ->
         destinations,
         on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
     )
+
+
+def build_poll_runners(intake: Intake) -> list[PollRunner]:
+    runners = []
+    for name, source in intake.sources.items():
+        poller = source.poller()
+        if poller is not None:
+            runners.append(PollRunner(intake, name, poller))
+    return runners
 
 
 def build_app(store: Store, config: Config, intake: Intake) -> FastAPI:
@@ -133,6 +144,17 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
 
     scheduler = AsyncIOScheduler(timezone="UTC")
     _schedule_jobs(scheduler, store, config)
+    runners = build_poll_runners(intake)
+    for runner in runners:
+        scheduler.add_job(
+            runner.run_once,
+            "interval",
+            seconds=runner.poller.interval,
+            id=f"poll_{runner.source}",
+            next_run_time=datetime.now(UTC) + timedelta(seconds=2),
+            max_instances=1,
+            coalesce=True,
+        )
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,6 +170,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         store=store.safe_url,
         destinations=sorted(connectors),
         sources=sorted(config.sources),
+        pollers=sorted(r.source for r in runners),
     )
 
     stop_task = asyncio.create_task(stop.wait())
@@ -177,6 +200,9 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     for connector in connectors.values():
         with contextlib.suppress(Exception):
             await connector.aclose()
+    for runner in runners:
+        with contextlib.suppress(Exception):
+            await runner.poller.aclose()
     stop_task.cancel()
     store.close()
     log.info("syncd_stopped", exit_code=exit_code)

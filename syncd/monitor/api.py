@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from syncd.intake import quarantine
+from syncd.intake.reconcile import poll_states
 from syncd.retry import outbox
 from syncd.store import Store
 
@@ -21,9 +23,12 @@ def monitor_router(store: Store) -> APIRouter:
     @router.get("/api/v1/stats", tags=["monitor"])
     async def stats() -> dict[str, Any]:
         def _query(conn: Any) -> dict[str, Any]:
-            by_dest = outbox.counts_by_state(conn)
-            oldest = outbox.oldest_pending_at(conn)
-            return {"destinations": by_dest, "oldest_pending_at": oldest}
+            return {
+                "destinations": outbox.counts_by_state(conn),
+                "oldest_pending_at": outbox.oldest_pending_at(conn),
+                "quarantined": quarantine.count_by_source(conn),
+                "pollers": poll_states(conn),
+            }
 
         result = await store.read(_query)
         totals: dict[str, int] = {}
@@ -37,6 +42,8 @@ def monitor_router(store: Store) -> APIRouter:
             "oldest_pending_age_seconds": None
             if oldest is None
             else round(time.time() - oldest, 3),
+            "quarantined": result["quarantined"],
+            "pollers": result["pollers"],
         }
 
     return router
