@@ -135,16 +135,15 @@ class PollRunner:
                 continue
             if newest is not None and newest >= changed_at - _SAME_CHANGE_SECONDS:
                 continue  # a webhook told us about this change (or a later one)
-            kind = EventKind.TICKET_UPDATED if seen else EventKind.TICKET_CREATED
-            candidates.append(
-                event.model_copy(
-                    update={
-                        "kind": kind,
-                        "recovered_by_poll": True,
-                        "occurred_at": ticket.updated_at,
-                    }
-                )
-            )
+            update: dict[str, object] = {
+                "kind": EventKind.TICKET_UPDATED if seen else EventKind.TICKET_CREATED,
+                "recovered_by_poll": True,
+                "occurred_at": ticket.updated_at,
+            }
+            if seen:
+                # The first message rides on the state event only for a ticket never seen.
+                update["comment"] = None
+            candidates.append(event.model_copy(update=update))
         if not candidates:
             return 0
         accepted = await self.intake.store_events(self.source, candidates)

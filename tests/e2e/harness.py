@@ -67,6 +67,7 @@ class Daemon:
         timeout: float = 2.0,
         lease: float = 10.0,
         concurrency: int = 8,
+        extra: str = "",
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -82,6 +83,7 @@ class Daemon:
                 lease=lease,
                 concurrency=concurrency,
             )
+            + extra
         )
         self.log_path = workdir / "syncd.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -122,6 +124,16 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def post_raw(
+        self, source: str, body: bytes, content_type: str = "application/json", query: str = ""
+    ) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/hooks/{source}{query}",
+            content=body,
+            headers={"Content-Type": content_type},
+            timeout=10,
+        )
 
     def post(self, body: dict[str, Any], secret: str = HOOK_SECRET) -> httpx.Response:
         return httpx.post(
