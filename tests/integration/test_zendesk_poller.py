@@ -1,0 +1,346 @@
+"""The Zendesk poller against the emulated ticket export, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from syncd.emulators.serving import ServerThread, free_port
+from syncd.emulators.zendesk_api import ZendeskState, create_zendesk_api
+from syncd.errors import AccessDenied, RateLimited, Rejected, ServerError, TransportError
+from syncd.intake.reconcile import PollReport, PollRunner
+from syncd.intake.zendesk import ZendeskPoller, ZendeskSettings, ZendeskSource
+from syncd.store.models import events
+from syncd.ticket import Client, EventKind, Status, TicketEvent
+
+from .conftest import App
+
+EMAIL = "sync@acme.test"
+TOKEN = "zd-api-token"
+T0 = 1_713_374_290.0
+LOOKBACK = 3600.0
+
+
+class Clock:
+    """Shared by the emulator and the poller, so "a minute later" takes no time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def zendesk(clock: Clock) -> Iterator[tuple[ServerThread, ZendeskState]]:
+    app, state = create_zendesk_api(EMAIL, TOKEN, recent_window_seconds=0, clock=clock)
+    server = ServerThread(app).start()
+    yield server, state
+    server.stop()
+
+
+def make_poller(base_url: str, clock: Clock, **settings: Any) -> ZendeskPoller:
+    config = {
+        "signing_secret": "s",
+        "base_url": base_url,
+        "email": EMAIL,
+        "api_token": TOKEN,
+        "poll_lookback_seconds": LOOKBACK,
+        "request_timeout_seconds": 5,
+        **settings,
+    }
+    poller = ZendeskSource("zd", ZendeskSettings.model_validate(config)).poller()
+    assert isinstance(poller, ZendeskPoller)
+    poller.clock = clock
+    return poller
+
+
+@pytest.fixture
+async def poller(
+    zendesk: tuple[ServerThread, ZendeskState], clock: Clock
+) -> AsyncIterator[ZendeskPoller]:
+    p = make_poller(zendesk[0].url, clock)
+    yield p
+    await p.aclose()
+
+
+def at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+async def test_pages_with_after_cursor_until_end_of_stream(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    state.page_size = 2
+    customer = state.add_user("Anna", email="anna@example.com")
+    created = []
+    for n in range(5):
+        clock.now = T0 + n
+        created.append(
+            state.create_ticket(
+                f"Ticket {n}",
+                requester_id=customer.id,
+                priority="high",
+                tags=["vip"],
+                group_id=360001,
+                assignee_id=7001,
+            )
+        )
+    clock.now = T0 + 10
+
+    pages = []
+    cursor = None
+    for _ in range(10):  # bounded: a cursor that never advances must fail, not hang
+        page = await poller.fetch(cursor)
+        pages.append(page)
+        assert page.cursor is not None
+        cursor = page.cursor
+        if page.done:
+            break
+    assert [[t.ticket_id for t in p.tickets] for p in pages] == [
+        [str(created[0].id), str(created[1].id)],
+        [str(created[2].id), str(created[3].id)],
+        [str(created[4].id)],
+    ]
+    assert [p.done for p in pages] == [False, False, True]
+    assert state.export_calls[0] == {"start_time": str(int(T0 + 10 - LOOKBACK))}
+    assert [set(call) for call in state.export_calls[1:]] == [{"cursor"}, {"cursor"}]
+
+    first = pages[0].tickets[0]
+    assert first.updated_at == at(T0)
+    assert first.events == [
+        TicketEvent(
+            source="zd",
+            ticket_id=str(created[0].id),
+            kind=EventKind.TICKET_UPDATED,
+            subject="Ticket 0",
+            status=Status.NEW,
+            source_status="new",
+            channel="web",
+            priority="high",
+            tags=("vip",),
+            assignee_id="7001",
+            group_id="360001",
+            client=Client(source_id=str(customer.id)),
+            occurred_at=at(T0),
+        )
+    ]
+
+
+async def test_a_later_update_shows_up_from_the_stored_cursor(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    quiet = state.create_ticket("Quiet")
+    changed = state.create_ticket("Will change")
+    clock.now = T0 + 5
+    page = await poller.fetch(None)
+    assert page.done and len(page.tickets) == 2
+    stored = page.cursor
+
+    nothing = await poller.fetch(stored)
+    assert nothing.tickets == [] and nothing.done
+    assert nothing.cursor is not None
+
+    clock.now = T0 + 120
+    state.update_ticket(changed.id, status="solved", priority="low")
+    page = await poller.fetch(nothing.cursor)
+    assert [t.ticket_id for t in page.tickets] == [str(changed.id)]
+    event = page.tickets[0].events[0]
+    assert (event.status, event.priority, event.occurred_at) == (
+        Status.SOLVED,
+        "low",
+        at(T0 + 120),
+    )
+    assert str(quiet.id) not in {t.ticket_id for t in page.tickets}
+
+
+async def test_first_poll_starts_at_the_look_back(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    state.create_ticket("Too old")
+    clock.now = T0 + LOOKBACK + 60
+    recent = state.create_ticket("Recent")
+    page = await poller.fetch(None)
+    assert [t.ticket_id for t in page.tickets] == [str(recent.id)]
+
+
+async def test_tickets_changed_in_the_last_minute_wait_for_a_later_poll(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    state.recent_window_seconds = 60
+    ticket = state.create_ticket("Just now")
+    clock.now = T0 + 30
+    early = await poller.fetch(None)
+    assert early.tickets == [] and early.done
+    clock.now = T0 + 61
+    later = await poller.fetch(early.cursor)
+    assert [t.ticket_id for t in later.tickets] == [str(ticket.id)]
+
+
+async def test_429_is_rate_limited_with_retry_after(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller
+) -> None:
+    _, state = zendesk
+    state.create_ticket("Any")
+    state.fail_next(1, status=429, retry_after=7)
+    with pytest.raises(RateLimited) as caught:
+        await poller.fetch(None)
+    assert caught.value.retry_after == 7.0
+    assert caught.value.status_code == 429
+    assert len((await poller.fetch(None)).tickets) == 1
+
+
+async def test_429_without_retry_after_waits_a_minute(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller
+) -> None:
+    zendesk[1].fail_next(1, status=429)
+    with pytest.raises(RateLimited) as caught:
+        await poller.fetch(None)
+    assert caught.value.retry_after == 60.0
+
+
+async def test_the_per_minute_export_limit(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    state.rate_limit_per_minute = 2
+    await poller.fetch(None)
+    clock.now = T0 + 20
+    await poller.fetch(None)
+    with pytest.raises(RateLimited) as caught:
+        await poller.fetch(None)
+    assert caught.value.retry_after == 40.0
+    clock.now = T0 + 60
+    await poller.fetch(None)
+
+
+async def test_bad_credentials_are_access_denied(
+    zendesk: tuple[ServerThread, ZendeskState], clock: Clock
+) -> None:
+    server, state = zendesk
+    wrong = make_poller(server.url, clock, api_token="not-the-token")
+    try:
+        with pytest.raises(AccessDenied) as caught:
+            await wrong.fetch(None)
+    finally:
+        await wrong.aclose()
+    assert caught.value.status_code == 401
+    assert state.export_calls == []
+
+
+async def test_server_errors_and_refused_connections_are_retriable(
+    zendesk: tuple[ServerThread, ZendeskState], poller: ZendeskPoller, clock: Clock
+) -> None:
+    zendesk[1].fail_next(1, status=503)
+    with pytest.raises(ServerError) as caught:
+        await poller.fetch(None)
+    assert caught.value.retriable and caught.value.status_code == 503
+
+    nowhere = make_poller(f"http://127.0.0.1:{free_port()}", clock)
+    try:
+        with pytest.raises(TransportError) as refused:
+            await nowhere.fetch(None)
+    finally:
+        await nowhere.aclose()
+    assert refused.value.retriable
+
+
+async def test_a_cursor_the_export_never_issued_is_rejected(poller: ZendeskPoller) -> None:
+    with pytest.raises(Rejected) as caught:
+        await poller.fetch("bm90LWEtY3Vyc29y")  # "not-a-cursor"
+    assert caught.value.status_code == 400
+
+
+def test_webhooks_through_intake_and_a_lost_one_recovered_by_polling(
+    make_app: Callable[..., App],
+) -> None:
+    """The whole Zendesk path: signed trigger webhooks, a second invocation, a lost one."""
+    secret = "zd-signing-secret"
+    # Near real time: the intake route checks signatures against its own clock.
+    clock = Clock(time.time() - 60)
+    api, zd = create_zendesk_api(
+        EMAIL, TOKEN, webhook_secret=secret, recent_window_seconds=0, clock=clock
+    )
+    server = ServerThread(api).start()
+    try:
+        app = make_app(
+            f"""
+[sources.zendesk]
+kind = "zendesk"
+signing_secret = "{secret}"
+base_url = "{server.url}"
+email = "{EMAIL}"
+api_token = "{TOKEN}"
+
+[destinations.crm]
+kind = "rest"
+base_url = "http://127.0.0.1:9"
+"""
+        )
+        customer = zd.add_user("Anna", email="anna@example.com", phone="+7 999 123-45-67")
+        agent = zd.add_user("Bob", role="agent")
+        ticket = zd.create_ticket("Broken", requester_id=customer.id)
+        clock.now += 5
+        zd.add_comment(ticket.id, "On it", author_id=agent.id)
+        created, description, reply = zd.drain_webhooks()
+        answers = [
+            app.client.post("/hooks/zendesk", content=hook.body, headers=hook.headers)
+            for hook in (created, description, reply, zd.reinvoke(reply))
+        ]
+        assert [a.status_code for a in answers] == [202, 202, 202, 202]
+        assert [a.json()["duplicates"] for a in answers] == [0, 0, 0, 1]
+
+        clock.now += 5
+        zd.update_ticket(ticket.id, status="solved")
+        (lost,) = zd.drain_webhooks()
+        assert lost.event == "status_changed"
+
+        poller = app.intake.sources["zendesk"].poller()
+        assert poller is not None
+
+        async def poll_once() -> PollReport:
+            try:
+                return await PollRunner(app.intake, "zendesk", poller).run_once()
+            finally:
+                await poller.aclose()
+
+        report = asyncio.run(poll_once())
+        assert (report.recovered, report.error) == (1, None)
+    finally:
+        server.stop()
+
+    with app.store.read_engine.connect() as conn:
+        rows = list(
+            conn.execute(
+                select(events.c.kind, events.c.recovered_by_poll, events.c.payload).order_by(
+                    events.c.id
+                )
+            )
+        )
+    assert [(r.kind, bool(r.recovered_by_poll)) for r in rows] == [
+        ("ticket_created", False),
+        ("comment_added", False),
+        ("comment_added", False),
+        ("ticket_updated", True),
+    ]
+    first = json.loads(rows[0].payload)
+    assert first["client"]["emails"] == ["anna@example.com"]
+    assert first["client"]["phones"] == ["+79991234567"]
+    assert json.loads(rows[2].payload)["comment"]["author"] == "agent"
+    assert json.loads(rows[3].payload)["status"] == "solved"
