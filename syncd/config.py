@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from syncd.errors import ConfigError, ConfigProblem
+from syncd.mapping.rules import MappingConfig
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -108,6 +109,8 @@ class DestinationConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     kind: str
+    #: Rules for this destination only (ids of pipelines and users differ between CRMs).
+    mapping: MappingConfig | None = None
 
     def settings(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -118,16 +121,23 @@ class DestinationConfig(BaseModel):
 
 
 class Config(_Strict):
+    """The whole file. ``[mapping]`` applies to every destination unless it has its own."""
+
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
     intake: IntakeConfig = IntakeConfig()
+    mapping: MappingConfig = MappingConfig()
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
 
     #: Where the file was read from; relative paths in it are resolved against its folder.
     path: Path | None = Field(default=None, exclude=True)
+
+    def mapping_for(self, destination: str) -> MappingConfig:
+        own = self.destinations[destination].mapping
+        return own if own is not None else self.mapping
 
     def destinations_for(self, source: str) -> list[str]:
         wanted = self.sources[source].destinations
@@ -233,6 +243,8 @@ def parse_config(text: str, file_name: str, base: Path | None = None) -> Config:
 
     if isinstance(resolved, dict):
         problems.extend(_cross_checks(resolved, file_name))
+    if config is not None:
+        problems.extend(_mapping_checks(config, file_name))
     if problems:
         raise ConfigError(_unique(problems))
     assert config is not None
@@ -271,6 +283,17 @@ def _cross_checks(raw: dict[str, Any], file_name: str) -> list[ConfigProblem]:
             continue  # the model validation reports these
         for key, message in validate_destination(DestinationConfig.model_validate(dest_raw)):
             problems.append(ConfigProblem(file_name, f"destinations.{name}.{key}", message))
+    return problems
+
+
+def _mapping_checks(config: Config, file_name: str) -> list[ConfigProblem]:
+    from syncd.mapping.checks import check_mapping
+
+    problems = [ConfigProblem(file_name, k, m) for k, m in check_mapping(config.mapping)]
+    for name, dest in config.destinations.items():
+        if dest.mapping is not None:
+            found = check_mapping(dest.mapping, prefix=f"destinations.{name}.mapping")
+            problems.extend(ConfigProblem(file_name, k, m) for k, m in found)
     return problems
 
 

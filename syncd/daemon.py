@@ -127,6 +127,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         lease_seconds=d.lease_seconds,
         poll_interval=d.poll_interval_seconds,
         install_id=store.install_id(),
+        mappings={name: config.mapping_for(name) for name in config.destinations},
     )
     intake = build_intake(store, config, dispatcher)
     app = build_app(store, config, intake)

@@ -127,6 +127,10 @@ class RateLimited(RetriableError):
     """The CRM said "too many requests" (HTTP 429 or its own equivalent)."""
 
 
+class Contended(RetriableError):
+    """Another delivery is creating the same record right now; wait a moment, then look it up."""
+
+
 class ServerError(RetriableError):
     """The CRM failed on its side (HTTP 5xx)."""
 

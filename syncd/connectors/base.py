@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 import httpx
 from pydantic import BaseModel
 
+from syncd.errors import Contended
 from syncd.mapping import Plan, Upsert
 
 
@@ -24,6 +25,8 @@ class LinkRef:
 
     crm_id: str | None
     url: str | None = None
+    #: For an unconfirmed create: another delivery is sending it right now.
+    owner_busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class LinkBook(Protocol):
     async def record(
         self, entity: str, external_key: str, crm_id: str, url: str | None
     ) -> None: ...
+
+    async def record_identities(self, entity: str, keys: tuple[str, ...], crm_id: str) -> None:
+        """Remember other keys (e-mails, phones) that name the same record."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +101,18 @@ class Connector(ABC):
 
 
 class RecordConnector(Connector):
-    """A connector that writes one record per operation.
+    """A connector that writes one record per operation (see :meth:`Plan.records`).
 
-    It implements the safety rule once for all such connectors: consult the
-    links table first; write an intent before every create; and when an
-    intent without a result is found (a previous try timed out or the
-    daemon died mid-request), look the record up before creating it again.
+    It implements the safety rules once for all such connectors: consult the
+    links table first; write an intent before every create; when an intent
+    without a result is found (a previous try timed out or the daemon died
+    mid-request), look the record up before creating it again; and while
+    another delivery is creating the same record, wait rather than race it.
     """
+
+    #: Entities looked up in the CRM before being created, even with no intent
+    #: (a contact may already exist, typed in by a manager).
+    search_before_create: ClassVar[frozenset[str]] = frozenset({"contact"})
 
     @abstractmethod
     async def create(self, op: Upsert, parent_id: str | None, idempotency_key: str) -> Created: ...
@@ -113,25 +124,58 @@ class RecordConnector(Connector):
 
     async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
         known: dict[str, str] = {}
-        for index, op in enumerate(plan.operations):
+        for index, op in enumerate(plan.records()):
             parent_id = await self._parent_id(op, known, ctx)
-            key = ctx.idempotency_key(index)
-            link = await ctx.links.get(op.entity, op.external_key)
-            if link is not None and link.crm_id is None:
-                found = await self.find(op, parent_id)
-                if found is not None and found.crm_id is not None:
-                    await ctx.links.record(op.entity, op.external_key, found.crm_id, found.url)
-                    link = found
-            if link is not None and link.crm_id is not None:
-                if not op.create_only:
-                    await self.update(op, link.crm_id, parent_id, key)
-                known[op.external_key] = link.crm_id
-                continue
-            if link is None:
-                await ctx.links.intend(op.entity, op.external_key)
-            created = await self.create(op, parent_id, key)
-            await ctx.links.record(op.entity, op.external_key, created.crm_id, created.url)
-            known[op.external_key] = created.crm_id
+            known[op.external_key] = await self._apply(
+                op, parent_id, ctx.idempotency_key(index), ctx
+            )
+
+    async def _apply(
+        self, op: Upsert, parent_id: str | None, key: str, ctx: DeliveryContext
+    ) -> str:
+        link = await self._linked(op, ctx)
+        if link is not None and link.crm_id is None:
+            if link.owner_busy:
+                raise Contended(
+                    f"{op.entity} {op.external_key} is being created by another delivery",
+                    retry_after=1.0,
+                )
+            found = await self.find(op, parent_id)
+            if found is not None and found.crm_id is not None:
+                await ctx.links.record(op.entity, op.external_key, found.crm_id, found.url)
+                link = found
+        elif link is None and op.entity in self.search_before_create:
+            found = await self.find(op, parent_id)
+            if found is not None and found.crm_id is not None:
+                await ctx.links.record(op.entity, op.external_key, found.crm_id, found.url)
+                link = found
+        if link is not None and link.crm_id is not None:
+            if not op.create_only:
+                await self.update(op, link.crm_id, parent_id, key)
+            await self._remember(op, link.crm_id, ctx)
+            return link.crm_id
+        if link is None:
+            await ctx.links.intend(op.entity, op.external_key)
+        created = await self.create(op, parent_id, key)
+        await ctx.links.record(op.entity, op.external_key, created.crm_id, created.url)
+        await self._remember(op, created.crm_id, ctx)
+        return created.crm_id
+
+    async def _linked(self, op: Upsert, ctx: DeliveryContext) -> LinkRef | None:
+        link = await ctx.links.get(op.entity, op.external_key)
+        if link is not None:
+            return link
+        for identity in op.identities:
+            other = await ctx.links.get(op.entity, identity)
+            if other is not None and other.crm_id is not None:
+                # Same person under another key (a new ticket id, a changed e-mail).
+                await ctx.links.record(op.entity, op.external_key, other.crm_id, other.url)
+                return other
+        return None
+
+    async def _remember(self, op: Upsert, crm_id: str, ctx: DeliveryContext) -> None:
+        if op.identities:
+            await ctx.links.record_identities(op.entity, op.identities, crm_id)
 
     async def _parent_id(
         self, op: Upsert, known: dict[str, str], ctx: DeliveryContext

@@ -26,7 +26,7 @@ from sqlalchemy import Connection
 from syncd.connectors.base import Connector, DeliveryContext
 from syncd.errors import DeliveryError, MappingError, PermanentError
 from syncd.logs import redactor
-from syncd.mapping import Plan, plan_event
+from syncd.mapping import MappingConfig, Plan, Upsert, contact_keys, plan
 from syncd.retry import outbox
 from syncd.retry.links import StoreLinkBook
 from syncd.retry.policy import Fail, Retry, RetryPolicy
@@ -36,15 +36,12 @@ from syncd.ticket import TicketEvent
 
 log = structlog.get_logger("syncd.dispatcher")
 
-Planner = Callable[[outbox.Leased], Plan]
 
-
-def default_planner(row: outbox.Leased) -> Plan:
+def load_event(row: outbox.Leased) -> TicketEvent:
     try:
-        event = TicketEvent.model_validate(row.payload)
+        return TicketEvent.model_validate(row.payload)
     except ValidationError as exc:
         raise MappingError(f"stored event does not fit the ticket model: {exc}") from None
-    return plan_event(event, row.event_id)
 
 
 class Dispatcher:
@@ -59,7 +56,7 @@ class Dispatcher:
         lease_seconds: float = 120.0,
         poll_interval: float = 0.5,
         install_id: str = "0",
-        planner: Planner = default_planner,
+        mappings: Mapping[str, MappingConfig] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -70,7 +67,7 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.install_id = install_id
-        self.planner = planner
+        self.mappings = mappings or {}
         self.clock = clock
         self.owner = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
@@ -149,16 +146,22 @@ class Dispatcher:
             connector = self.connectors.get(row.destination)
             if connector is None:
                 raise PermanentError(f"destination {row.destination!r} is not configured")
+            links = StoreLinkBook(self.store, row.destination, row.delivery_id)
             try:
-                plan = self.planner(row)
+                plan = await self._plan(row, connector, links)
             except MappingError as exc:
                 raise PermanentError(f"mapping failed: {exc}") from None
+            if not plan.matched:
+                mapping = self.mappings.get(row.destination, MappingConfig())
+                if mapping.unmatched == "fail":
+                    raise PermanentError("no mapping rule matched: " + " | ".join(plan.reasons))
+                bound.info("no_rule_matched", reasons=list(plan.reasons))
             ctx = DeliveryContext(
                 delivery_id=row.delivery_id,
                 event_id=row.event_id,
                 destination=row.destination,
                 attempt=row.attempt,
-                links=StoreLinkBook(self.store, row.destination, row.delivery_id),
+                links=links,
                 install_id=self.install_id,
             )
             await connector.execute(plan, ctx)
@@ -187,6 +190,37 @@ class Dispatcher:
         level = "info" if outcome.state == DeliveryState.DELIVERED else "warning"
         getattr(bound, level)(outcome.label, **fields)
         self.wake()  # the next event of this ticket may now be due
+
+    async def _plan(self, row: outbox.Leased, connector: Connector, links: StoreLinkBook) -> Plan:
+        """Map with the current config, so a fixed rule applies to a resent event."""
+        event = load_event(row)
+        mapping = self.mappings.get(row.destination, MappingConfig())
+        client_exists: bool | None = None
+        if any(rule.when.client != "any" for rule in mapping.rules):
+            client_exists = await self._client_exists(event, connector, links)
+        return plan(event, mapping, event_id=row.event_id, client_exists=client_exists)
+
+    async def _client_exists(
+        self, event: TicketEvent, connector: Connector, links: StoreLinkBook
+    ) -> bool:
+        key, identities = contact_keys(event)
+        if key is None or event.client is None:
+            return False
+        for candidate in (key, *identities):
+            ref = await links.get("contact", candidate)
+            if ref is not None and ref.crm_id is not None:
+                return True
+        probe = Upsert(
+            "contact",
+            key,
+            {
+                "name": event.client.name,
+                "emails": list(event.client.emails),
+                "phones": list(event.client.phones),
+            },
+            identities=identities,
+        )
+        return await connector.find(probe, None) is not None
 
     def _outcome(
         self, row: outbox.Leased, error: DeliveryError | None, started: float, duration_ms: float

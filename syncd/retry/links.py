@@ -9,18 +9,29 @@ from sqlalchemy.exc import IntegrityError
 
 from syncd.connectors.base import LinkRef
 from syncd.store import Store
-from syncd.store.models import links
+from syncd.store.models import DeliveryState, deliveries, links
 
 
-def get_link(conn: Connection, destination: str, entity: str, external_key: str) -> LinkRef | None:
+def get_link(
+    conn: Connection, destination: str, entity: str, external_key: str, asking: int | None = None
+) -> LinkRef | None:
     row = conn.execute(
-        select(links.c.crm_id, links.c.url).where(
+        select(links.c.crm_id, links.c.url, links.c.delivery_id).where(
             links.c.destination == destination,
             links.c.entity == entity,
             links.c.external_key == external_key,
         )
     ).first()
-    return None if row is None else LinkRef(crm_id=row.crm_id, url=row.url)
+    if row is None:
+        return None
+    busy = False
+    if row.crm_id is None and row.delivery_id is not None and row.delivery_id != asking:
+        # An intent of another delivery: busy only while that delivery is in the air.
+        owner_state = conn.execute(
+            select(deliveries.c.state).where(deliveries.c.id == row.delivery_id)
+        ).scalar()
+        busy = owner_state == DeliveryState.IN_FLIGHT.value
+    return LinkRef(crm_id=row.crm_id, url=row.url, owner_busy=busy)
 
 
 def intend(
@@ -88,7 +99,9 @@ class StoreLinkBook:
 
     async def get(self, entity: str, external_key: str) -> LinkRef | None:
         return await self._store.writer.run(
-            lambda conn: get_link(conn, self._destination, entity, external_key)
+            lambda conn: get_link(
+                conn, self._destination, entity, external_key, asking=self._delivery_id
+            )
         )
 
     async def intend(self, entity: str, external_key: str) -> None:
@@ -102,3 +115,12 @@ class StoreLinkBook:
                 conn, self._destination, entity, external_key, crm_id, url, self._delivery_id
             )
         )
+
+    async def record_identities(self, entity: str, keys: tuple[str, ...], crm_id: str) -> None:
+        def _all(conn: Connection) -> None:
+            for key in keys:
+                existing = get_link(conn, self._destination, entity, key)
+                if existing is None or existing.crm_id is None:
+                    record(conn, self._destination, entity, key, crm_id, None, self._delivery_id)
+
+        await self._store.writer.run(_all)

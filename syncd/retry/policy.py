@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from syncd.errors import DeliveryError, RateLimited, TransportError
+from syncd.errors import Contended, DeliveryError, RateLimited, TransportError
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class RetryPolicy:
         deadline = first_failed_at + self.window
         if now >= deadline:
             return Expire(f"still failing after the {_human(self.window)} retry window: {error}")
+        if isinstance(error, Contended):
+            # Not a failure of the CRM: just let the other delivery finish first.
+            return Retry(at=min(now + (error.retry_after or 1.0), deadline))
 
         delay = self.base_delay(failures)
         if self.jitter:

@@ -34,6 +34,13 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+def _notify(job: _Job, result: Any, error: BaseException | None) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+    except RuntimeError:
+        pass  # the caller's loop is gone; the write itself stands (or failed) regardless
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():
         return
@@ -111,7 +118,7 @@ class StoreWriter:
         except Exception as exc:
             # The commit itself failed (or the single job raised): nobody's write landed.
             for job in batch:
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+                _notify(job, None, exc)
             return
         for job, (result, error) in zip(batch, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            _notify(job, result, error)

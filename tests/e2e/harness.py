@@ -54,6 +54,14 @@ headers = {{ Authorization = "Bearer ${{E2E_CRM_TOKEN}}" }}
 """
 
 
+#: Put the ticket's basics on the deal, so tests can see them at the receiver.
+MAPPING = """
+[[mapping.rules]]
+name = "everything"
+then.deal_fields = { subject = "{{ ticket.subject }}", status = "{{ ticket.status }}", ticket_id = "{{ ticket.id }}" }
+"""
+
+
 class Daemon:
     """One config directory; can be started, killed and restarted any number of times."""
 
@@ -84,6 +92,7 @@ class Daemon:
                 concurrency=concurrency,
             )
             + extra
+            + (MAPPING if "[mapping" not in extra else "")
         )
         self.log_path = workdir / "syncd.log"
         self.proc: subprocess.Popen[bytes] | None = None

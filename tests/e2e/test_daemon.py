@@ -48,7 +48,7 @@ def test_ticket_reaches_the_receiver(
     deals = [r for r in sink.records.values() if r["entity"] == "deal"]
     notes = [r for r in sink.records.values() if r["entity"] == "note"]
     assert [r["fields"]["subject"] for r in deals] == ["Ticket 501"]
-    assert [r["fields"]["text"] for r in notes] == ["Hello, my order is late"]
+    assert [r["fields"]["text"] for r in notes] == ["Client: Hello, my order is late"]
     assert notes[0]["parent_id"] == deals[0]["id"]
     assert attempts_of(d, event_id) == [("delivered", None, None)]
     # a later event for the same ticket updates the same deal

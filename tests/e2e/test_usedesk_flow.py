@@ -77,13 +77,15 @@ poll_lookback_seconds = 3600
     ]
     deals = {r["fields"]["ticket_id"]: r for r in sink.records.values() if r["entity"] == "deal"}
     assert set(deals) == {str(a), str(b)}
-    assert deals[str(a)]["fields"]["client"]["phones"] == ["+79991234567"]
+    contacts = [r for r in sink.records.values() if r["entity"] == "contact"]
+    anna_contact = [c for c in contacts if c["fields"]["phones"] == ["+79991234567"]]
+    assert len(anna_contact) == 1 and deals[str(a)]["parent_id"] == anna_contact[0]["id"]
     notes = sorted(r["fields"]["text"] for r in sink.records.values() if r["entity"] == "note")
     assert notes == [
-        "For company Romashka",
-        "Order 1 arrived broken",
-        "Replacement is on its way",
-        "Send me an invoice",
+        "Agent 545: Replacement is on its way",
+        "Client: For company Romashka",
+        "Client: Order 1 arrived broken",
+        "Client: Send me an invoice",
     ]
     assert sink.duplicate_creates() == {}
 

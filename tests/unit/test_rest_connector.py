@@ -18,7 +18,7 @@ from syncd.errors import (
     ServerError,
     TransportError,
 )
-from syncd.mapping import Plan, Upsert
+from syncd.mapping import AddNote, Plan, UpsertContact, UpsertDeal
 
 BASE = "http://crm.test"
 
@@ -39,6 +39,10 @@ class MemoryLinks:
         self.log.append(f"record {entity}:{external_key}={crm_id}")
         self.rows[(entity, external_key)] = LinkRef(crm_id=crm_id, url=url)
 
+    async def record_identities(self, entity: str, keys: tuple[str, ...], crm_id: str) -> None:
+        for key in keys:
+            self.rows.setdefault((entity, key), LinkRef(crm_id=crm_id))
+
 
 def connector(**settings: object) -> RestConnector:
     return RestConnector(
@@ -57,14 +61,8 @@ def ctx(links: MemoryLinks, delivery_id: int = 7) -> DeliveryContext:
     )
 
 
-DEAL = Upsert(entity="deal", external_key="hd:ticket:1", fields={"subject": "Hi", "n": 5})
-NOTE = Upsert(
-    entity="note",
-    external_key="hd:event:3",
-    fields={"text": "hello"},
-    create_only=True,
-    parent="hd:ticket:1",
-)
+DEAL = UpsertDeal(key="hd:ticket:1", title="Hi", fields={"subject": "Hi", "n": 5})
+NOTE = AddNote(key="hd:event:3", parent_key="hd:ticket:1", parent_entity="deal", text="hello")
 
 
 @respx.mock
@@ -86,7 +84,7 @@ async def test_create_then_update_with_idempotency_keys() -> None:
         "entity": "deal",
         "external_key": "hd:ticket:1",
         "parent_id": None,
-        "fields": {"subject": "Hi", "n": 5},
+        "fields": {"title": "Hi", "subject": "Hi", "n": 5},
     }
     assert json.loads(second.content)["parent_id"] == "41"
     assert links.rows[("deal", "hd:ticket:1")] == LinkRef("41", "https://crm.test/deal/41")
@@ -197,3 +195,52 @@ def test_retry_after_parsing() -> None:
     )
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+CONTACT = UpsertContact(
+    key="hd:client:7",
+    identities=("email:anna@example.com", "phone:+79991234567"),
+    name="Anna",
+    emails=("anna@example.com",),
+    phones=("+79991234567",),
+)
+
+
+@respx.mock
+async def test_contact_is_searched_before_create_and_found_again_by_phone() -> None:
+    lookup = respx.get(f"{BASE}/records").mock(return_value=httpx.Response(200, json=[]))
+    create = respx.post(f"{BASE}/records").mock(return_value=httpx.Response(201, json={"id": "c1"}))
+    patch = respx.patch(f"{BASE}/records/c1").mock(return_value=httpx.Response(200, json={}))
+    links = MemoryLinks()
+    await connector().execute(Plan((CONTACT,)), ctx(links))
+    assert lookup.call_count == 1 and create.call_count == 1  # looked before creating
+    assert links.rows[("contact", "phone:+79991234567")].crm_id == "c1"
+    # the same person from another helpdesk, e-mail changed, same phone: same contact
+    other = UpsertContact(
+        key="zd:client:99", identities=("email:new@example.com", "phone:+79991234567"), name="Anna"
+    )
+    await connector().execute(Plan((other,)), ctx(links, delivery_id=9))
+    assert create.call_count == 1 and patch.call_count == 1
+    assert links.rows[("contact", "zd:client:99")].crm_id == "c1"
+
+
+@respx.mock
+async def test_existing_contact_in_the_crm_is_reused() -> None:
+    respx.get(f"{BASE}/records").mock(return_value=httpx.Response(200, json=[{"id": "old-5"}]))
+    create = respx.post(f"{BASE}/records").mock(
+        return_value=httpx.Response(201, json={"id": "new"})
+    )
+    respx.patch(f"{BASE}/records/old-5").mock(return_value=httpx.Response(200, json={}))
+    links = MemoryLinks()
+    await connector().execute(Plan((CONTACT,)), ctx(links))
+    assert create.call_count == 0 and links.rows[("contact", "hd:client:7")].crm_id == "old-5"
+
+
+async def test_a_create_in_flight_elsewhere_is_waited_for() -> None:
+    from syncd.errors import Contended
+
+    links = MemoryLinks()
+    links.rows[("contact", "hd:client:7")] = LinkRef(crm_id=None, owner_busy=True)
+    with pytest.raises(Contended) as info:
+        await connector().execute(Plan((CONTACT,)), ctx(links))
+    assert info.value.retriable and info.value.retry_after == 1.0
