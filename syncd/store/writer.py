@@ -14,6 +14,7 @@ library does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -35,10 +36,9 @@ class _Job:
 
 
 def _notify(job: _Job, result: Any, error: BaseException | None) -> None:
-    try:
+    # A closed loop means the caller is gone; the write itself stands (or failed) regardless.
+    with contextlib.suppress(RuntimeError):
         job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
-    except RuntimeError:
-        pass  # the caller's loop is gone; the write itself stands (or failed) regardless
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -58,7 +58,10 @@ headers = {{ Authorization = "Bearer ${{E2E_CRM_TOKEN}}" }}
 MAPPING = """
 [[mapping.rules]]
 name = "everything"
-then.deal_fields = { subject = "{{ ticket.subject }}", status = "{{ ticket.status }}", ticket_id = "{{ ticket.id }}" }
+[mapping.rules.then.deal_fields]
+subject = "{{ ticket.subject }}"
+status = "{{ ticket.status }}"
+ticket_id = "{{ ticket.id }}"
 """
 
 
