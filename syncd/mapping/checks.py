@@ -135,6 +135,7 @@ def check_mapping(config: MappingConfig, prefix: str = "mapping") -> list[tuple[
         reason = impossible(rule.when)
         if reason:
             problems.append((f"{where}.when", f"{label} can never match: {reason}"))
+            continue  # it matches nothing, so it hides nothing either
         for earlier in seen:
             if shadows(earlier.when, rule.when):
                 problems.append(
