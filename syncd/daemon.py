@@ -28,6 +28,7 @@ from syncd.retry import outbox
 from syncd.retry.dispatcher import Dispatcher
 from syncd.retry.policy import RetryPolicy
 from syncd.store import Store
+from syncd.store.credentials import StoreCredentials
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -87,11 +88,15 @@ def build_app(store: Store, config: Config, intake: Intake) -> FastAPI:
 
 
 def build_connectors(
-    config: Config, transport: httpx.AsyncBaseTransport | None = None
+    config: Config, store: Store, transport: httpx.AsyncBaseTransport | None = None
 ) -> dict[str, Connector]:
     return {
         name: registry.build(
-            name, dest, timeout=config.delivery.request_timeout_seconds, transport=transport
+            name,
+            dest,
+            timeout=config.delivery.request_timeout_seconds,
+            transport=transport,
+            credentials=StoreCredentials(store, name),
         )
         for name, dest in config.destinations.items()
     }
@@ -117,7 +122,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         log.warning("leases_reclaimed", count=reclaimed, reason="previous run stopped mid-delivery")
 
     d = config.delivery
-    connectors = build_connectors(config)
+    connectors = build_connectors(config, store)
     dispatcher = Dispatcher(
         store,
         connectors,

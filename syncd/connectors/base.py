@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 from pydantic import BaseModel
@@ -40,8 +40,11 @@ class LinkBook(Protocol):
 
     async def get(self, entity: str, external_key: str) -> LinkRef | None: ...
 
-    async def intend(self, entity: str, external_key: str) -> None:
-        """Durably note that a create is about to be sent (before sending it)."""
+    async def intend(self, entity: str, external_key: str) -> bool:
+        """Durably note that a create is about to be sent (before sending it).
+
+        False when another delivery got there first: it is creating the record.
+        """
 
     async def record(
         self, entity: str, external_key: str, crm_id: str, url: str | None
@@ -49,6 +52,14 @@ class LinkBook(Protocol):
 
     async def record_identities(self, entity: str, keys: tuple[str, ...], crm_id: str) -> None:
         """Remember other keys (e-mails, phones) that name the same record."""
+
+
+class CredentialStore(Protocol):
+    """Where a connector keeps tokens it rotates. ``save`` is durable when it returns."""
+
+    async def load(self) -> dict[str, Any] | None: ...
+
+    async def save(self, data: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -79,11 +90,13 @@ class Connector(ABC):
         *,
         timeout: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        credentials: CredentialStore | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.timeout = timeout
         self.transport = transport
+        self.credentials = credentials
 
     @abstractmethod
     async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
@@ -93,8 +106,16 @@ class Connector(ABC):
     async def find(self, op: Upsert, parent_id: str | None) -> LinkRef | None:
         """Look a record up by its external key (after an unknown outcome)."""
 
-    async def check(self) -> None:  # noqa: B027 - optional for connectors without credentials
-        """Verify credentials and reachability; raise a DeliveryError if broken."""
+    async def check(self) -> list[str]:
+        """Verify credentials and reachability; raise a DeliveryError if broken.
+
+        Returns what was verified, one line each, for ``check-config --ping``.
+        """
+        return []
+
+    def record_url(self, entity: str, crm_id: str) -> str | None:
+        """A link to the record in the CRM's own UI, for the monitor."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections."""
@@ -154,8 +175,11 @@ class RecordConnector(Connector):
                 await self.update(op, link.crm_id, parent_id, key)
             await self._remember(op, link.crm_id, ctx)
             return link.crm_id
-        if link is None:
-            await ctx.links.intend(op.entity, op.external_key)
+        if link is None and not await ctx.links.intend(op.entity, op.external_key):
+            raise Contended(
+                f"{op.entity} {op.external_key} is being created by another delivery",
+                retry_after=1.0,
+            )
         created = await self.create(op, parent_id, key)
         await ctx.links.record(op.entity, op.external_key, created.crm_id, created.url)
         await self._remember(op, created.crm_id, ctx)

@@ -13,10 +13,12 @@ import httpx
 from pydantic import ValidationError
 
 from syncd.config import DestinationConfig
-from syncd.connectors.base import Connector
+from syncd.connectors.base import Connector, CredentialStore
 
 BUILTIN: dict[str, str] = {
     "rest": "syncd.connectors.rest:RestConnector",
+    "bitrix24": "syncd.connectors.bitrix24:Bitrix24Connector",
+    "amocrm": "syncd.connectors.amocrm:AmoCrmConnector",
 }
 
 
@@ -48,6 +50,8 @@ def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
         return [
             ("kind", f"unknown connector kind {dest.kind!r} (known: {', '.join(known_kinds())})")
         ]
+    except ImportError as exc:
+        return [("kind", f"connector kind {dest.kind!r} cannot be loaded: {exc}")]
     try:
         cls.settings_model.model_validate(dest.settings())
     except ValidationError as exc:
@@ -68,7 +72,8 @@ def build(
     *,
     timeout: float,
     transport: httpx.AsyncBaseTransport | None = None,
+    credentials: CredentialStore | None = None,
 ) -> Connector:
     cls = connector_class(dest.kind)
     settings = cls.settings_model.model_validate(dest.settings())
-    return cls(name, settings, timeout=timeout, transport=transport)
+    return cls(name, settings, timeout=timeout, transport=transport, credentials=credentials)

@@ -36,7 +36,8 @@ def get_link(
 
 def intend(
     conn: Connection, destination: str, entity: str, external_key: str, delivery_id: int
-) -> None:
+) -> bool:
+    """Claim the create of a record; False when a link or another delivery's intent exists."""
     now = time.time()
     try:
         with conn.begin_nested():
@@ -52,7 +53,15 @@ def intend(
                 )
             )
     except IntegrityError:
-        pass  # an intent or a link already exists; both mean "look before creating"
+        owner = conn.execute(
+            select(links.c.delivery_id, links.c.crm_id).where(
+                links.c.destination == destination,
+                links.c.entity == entity,
+                links.c.external_key == external_key,
+            )
+        ).first()
+        return owner is not None and owner.crm_id is None and owner.delivery_id == delivery_id
+    return True
 
 
 def record(
@@ -104,8 +113,8 @@ class StoreLinkBook:
             )
         )
 
-    async def intend(self, entity: str, external_key: str) -> None:
-        await self._store.writer.run(
+    async def intend(self, entity: str, external_key: str) -> bool:
+        return await self._store.writer.run(
             lambda conn: intend(conn, self._destination, entity, external_key, self._delivery_id)
         )
 

@@ -165,6 +165,29 @@ class PollState(SQLModel, table=True):
     recovered_events: int = 0
 
 
+class Credential(SQLModel, table=True):
+    """Tokens a connector rotates (OAuth refresh tokens), saved before they are used."""
+
+    __tablename__ = "credentials"
+
+    destination: str = Field(primary_key=True, max_length=64)
+    data: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: float
+
+
+class DestinationStatus(SQLModel, table=True):
+    """A destination-wide problem: credentials rejected, account blocked, circuit open."""
+
+    __tablename__ = "destination_status"
+
+    destination: str = Field(primary_key=True, max_length=64)
+    #: No deliveries are sent before this time (a blocked account, an open breaker).
+    paused_until: float | None = None
+    problem: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    problem_at: float | None = None
+    updated_at: float
+
+
 class Meta(SQLModel, table=True):
     __tablename__ = "meta"
 
@@ -179,3 +202,5 @@ links = Link.__table__  # type: ignore[attr-defined]
 meta = Meta.__table__  # type: ignore[attr-defined]
 quarantine = Quarantined.__table__  # type: ignore[attr-defined]
 poll_state = PollState.__table__  # type: ignore[attr-defined]
+credentials = Credential.__table__  # type: ignore[attr-defined]
+destination_status = DestinationStatus.__table__  # type: ignore[attr-defined]

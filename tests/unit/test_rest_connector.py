@@ -31,9 +31,12 @@ class MemoryLinks:
     async def get(self, entity: str, external_key: str) -> LinkRef | None:
         return self.rows.get((entity, external_key))
 
-    async def intend(self, entity: str, external_key: str) -> None:
+    async def intend(self, entity: str, external_key: str) -> bool:
         self.log.append(f"intend {entity}:{external_key}")
-        self.rows.setdefault((entity, external_key), LinkRef(crm_id=None))
+        if (entity, external_key) in self.rows:
+            return False
+        self.rows[(entity, external_key)] = LinkRef(crm_id=None)
+        return True
 
     async def record(self, entity: str, external_key: str, crm_id: str, url: str | None) -> None:
         self.log.append(f"record {entity}:{external_key}={crm_id}")
