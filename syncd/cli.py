@@ -172,6 +172,38 @@ def poll(
     raise typer.Exit(asyncio.run(_with_intake(cfg, _run)))
 
 
+@app.command()
+def preview(
+    payload: Path = typer.Argument(..., help="A webhook body, as the helpdesk would send it."),
+    config: Path = ConfigOption,
+    source: str | None = typer.Option(None, help="Source name (default: the only one)."),
+    destination: str | None = typer.Option(None, help="Only this destination."),
+    client: str = typer.Option(
+        "unknown", help="Is the client already in the CRM: new, existing, unknown."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Show the plan a payload would produce: the matching rule and why, and every operation."""
+    from syncd.preview import preview as run_preview
+    from syncd.preview import render_text
+
+    cfg = _load_or_exit(config)
+    if source is None:
+        if len(cfg.sources) != 1:
+            typer.echo(
+                f"syncd: say which source with --source ({', '.join(cfg.sources)})", err=True
+            )
+            raise typer.Exit(2)
+        source = next(iter(cfg.sources))
+    if client not in ("new", "existing", "unknown"):
+        typer.echo("syncd: --client is new, existing or unknown", err=True)
+        raise typer.Exit(2)
+    result = run_preview(cfg, source, payload.read_bytes(), destination=destination, client=client)  # type: ignore[arg-type]
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else render_text(result))
+    failed = "plans" not in result or any("error" in p or not p["matched"] for p in result["plans"])
+    raise typer.Exit(1 if failed else 0)
+
+
 quarantine_app = typer.Typer(no_args_is_help=True, help="Webhooks syncd could not read.")
 app.add_typer(quarantine_app, name="quarantine")
 

@@ -83,7 +83,7 @@ def build_app(store: Store, config: Config, intake: Intake) -> FastAPI:
         openapi_url="/api/v1/openapi.json",
     )
     app.include_router(intake_router(intake, max_body_bytes=config.server.max_body_bytes))
-    app.include_router(monitor_router(store))
+    app.include_router(monitor_router(store, config))
     return app
 
 

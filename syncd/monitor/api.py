@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
 
+from syncd.config import Config
 from syncd.intake import quarantine
 from syncd.intake.reconcile import poll_states
+from syncd.preview import preview
 from syncd.retry import outbox
 from syncd.store import Store
 
 
-def monitor_router(store: Store) -> APIRouter:
+def monitor_router(store: Store, config: Config | None = None) -> APIRouter:
     router = APIRouter()
+
+    @router.post("/api/v1/preview", tags=["mapping"])
+    async def preview_plan(
+        request: Request,
+        source: str,
+        destination: str | None = None,
+        client: Literal["new", "existing", "unknown"] = "unknown",
+    ) -> dict[str, Any]:
+        """The plan the request body would produce, without storing it or calling the CRM."""
+        if config is None:
+            return {"error": "preview needs the daemon's config"}
+        if destination is not None and destination not in config.destinations:
+            raise HTTPException(404, f"no destination named {destination!r}")
+        result = preview(
+            config, source, await request.body(), destination=destination, client=client
+        )
+        if "plans" not in result and result.get("error", "").startswith("no source"):
+            raise HTTPException(404, result["error"])
+        return result
 
     @router.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
