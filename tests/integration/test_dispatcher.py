@@ -1,0 +1,125 @@
+"""The dispatcher with the real store, the REST connector and the bundled receiver over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from syncd.connectors.rest import RestConnector, RestSettings
+from syncd.emulators.serving import ServerThread
+from syncd.emulators.sink import Faults, SinkState, create_sink
+from syncd.events import IncomingEvent
+from syncd.mapping import MappingConfig
+from syncd.retry import outbox
+from syncd.retry.dispatcher import Dispatcher
+from syncd.retry.policy import RetryPolicy
+from syncd.store import Store
+from syncd.store.models import attempts
+from syncd.ticket import EventKind, TicketEvent, make_client
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[ServerThread, SinkState]]:
+    app, state = create_sink()
+    server = ServerThread(app).start()
+    yield server, state
+    server.stop()
+
+
+def new_ticket(ticket: str, client_id: str = "7") -> IncomingEvent:
+    event = TicketEvent(
+        source="hd",
+        ticket_id=ticket,
+        kind=EventKind.TICKET_CREATED,
+        subject=f"Ticket {ticket}",
+        client=make_client(
+            source_id=client_id, name="Anna", emails=["anna@example.com"], phones=["+79991234567"]
+        ),
+    )
+    return IncomingEvent.from_ticket_event(event, ("crm",))
+
+
+async def drain(
+    dispatcher: Dispatcher, store: Store, expected: int, limit: float = 20
+) -> dict[str, int]:
+    task = asyncio.create_task(dispatcher.run())
+    deadline = time.monotonic() + limit
+    counts: dict[str, int] = {}
+    try:
+        while time.monotonic() < deadline:
+            counts = await store.read(lambda c: outbox.counts_by_state(c).get("crm", {}))
+            if counts.get("delivered", 0) >= expected:
+                return counts
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not delivered in time: {counts}")
+    finally:
+        await dispatcher.stop(5)
+        await task
+
+
+async def test_two_tickets_of_one_new_client_make_one_contact(
+    store: Store, sink: tuple[ServerThread, SinkState]
+) -> None:
+    server, state = sink
+    state.faults = Faults(latency_seconds=0.05)  # both deliveries are in the air together
+    for ticket in ("1", "2"):
+        store.write_sync(lambda c, t=ticket: outbox.enqueue(c, new_ticket(t), time.time()))
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    dispatcher = Dispatcher(
+        store,
+        {"crm": connector},
+        RetryPolicy(schedule=(0.05,), jitter=0),
+        concurrency=8,
+        mappings={"crm": MappingConfig()},
+        poll_interval=0.02,
+    )
+    await drain(dispatcher, store, expected=2)
+    await connector.aclose()
+    contacts = [r for r in state.records.values() if r["entity"] == "contact"]
+    deals = [r for r in state.records.values() if r["entity"] == "deal"]
+    assert len(contacts) == 1 and len(deals) == 2
+    assert {d["parent_id"] for d in deals} == {contacts[0]["id"]}
+    assert state.duplicate_creates() == {}
+    with store.read_engine.connect() as conn:
+        errors = list(
+            conn.execute(
+                select(attempts.c.error).where(attempts.c.outcome == "retry_scheduled")
+            ).scalars()
+        )
+    # the race really happened: one delivery waited for the other's contact
+    assert any("being created by another delivery" in (e or "") for e in errors)
+
+
+async def test_unmatched_ticket_fails_with_the_reason(
+    store: Store, sink: tuple[ServerThread, SinkState]
+) -> None:
+    server, state = sink
+    store.write_sync(lambda c: outbox.enqueue(c, new_ticket("9"), time.time()))
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    strict = MappingConfig.model_validate(
+        {"rules": [{"name": "chat only", "when": {"channel": ["chat"]}}]}
+    )
+    dispatcher = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), mappings={"crm": strict}, poll_interval=0.02
+    )
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        for _ in range(500):
+            counts = await store.read(lambda c: outbox.counts_by_state(c).get("crm", {}))
+            if counts.get("failed"):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await dispatcher.stop(5)
+        await task
+        await connector.aclose()
+    with store.read_engine.connect() as conn:
+        [error] = list(conn.execute(select(attempts.c.error)).scalars())
+    assert error is not None and error.startswith(
+        "no mapping rule matched: rule 'chat only' did not match"
+    )
+    assert state.records == {}
