@@ -19,6 +19,7 @@ from syncd import logs
 from syncd.config import Config, resolve_store_url
 from syncd.connectors import registry
 from syncd.connectors.base import Connector
+from syncd.connectors.transport import AiohttpTransport
 from syncd.intake import registry as source_registry
 from syncd.intake.reconcile import PollRunner
 from syncd.intake.routes import intake_router
@@ -95,7 +96,7 @@ def build_connectors(
             name,
             dest,
             timeout=config.delivery.request_timeout_seconds,
-            transport=transport,
+            transport=transport or AiohttpTransport(limit=config.delivery.concurrency * 2),
             credentials=StoreCredentials(store, name),
         )
         for name, dest in config.destinations.items()

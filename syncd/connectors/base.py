@@ -145,7 +145,15 @@ class RecordConnector(Connector):
 
     async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
         known: dict[str, str] = {}
-        for index, op in enumerate(plan.records()):
+        records = plan.records()
+        prefetch = getattr(ctx.links, "prefetch", None)
+        if prefetch is not None:
+            keys = [(r.entity, k) for r in records for k in (r.external_key, *r.identities)]
+            keys += [
+                (e, r.parent) for r in records if r.parent for e in ("deal", "contact", "lead")
+            ]
+            await prefetch(keys)
+        for index, op in enumerate(records):
             parent_id = await self._parent_id(op, known, ctx)
             known[op.external_key] = await self._apply(
                 op, parent_id, ctx.idempotency_key(index), ctx

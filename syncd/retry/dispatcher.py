@@ -15,6 +15,7 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
@@ -73,6 +74,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._outcomes: list[tuple[outbox.Outcome, StoreLinkBook | None, asyncio.Future[None]]] = []
         self._rng = random.Random()
 
     def wake(self) -> None:
@@ -80,26 +82,61 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
-            if free <= 0:
-                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            self._wake.clear()
-            try:
-                leased = await self.store.writer.run(
-                    partial(self._lease, min(free, self.batch_size))
+        """Lease in batches into a small local queue; start deliveries as slots free up.
+
+        Leasing one row per free slot would cost a lease query per delivery;
+        a batch is leased only once at least half the concurrency is free, and
+        at most twice the concurrency is held at a time, so leased rows never
+        wait long enough for their lease to run out.
+        """
+        ready: deque[outbox.Leased] = deque()
+        try:
+            while not self._stopping.is_set():
+                while ready and len(self._running) < self.concurrency:
+                    self._start(ready.popleft())
+                room = 2 * self.concurrency - len(ready) - len(self._running)
+                if room >= max(1, self.concurrency // 2):
+                    self._wake.clear()
+                    try:
+                        leased = await self.store.writer.run(
+                            partial(self._lease, min(room, self.batch_size))
+                        )
+                    except Exception as exc:
+                        log.error("lease_failed", error=redactor.clean(str(exc)))
+                        await self._idle()
+                        continue
+                    ready.extend(leased)
+                    if leased:
+                        continue
+                if self._running:
+                    await self._wait_any()
+                else:
+                    await self._idle()
+        finally:
+            if ready:
+                # Leased but never started: hand them back rather than let the lease run out.
+                ids = [row.delivery_id for row in ready]
+                await self.store.writer.run(
+                    lambda conn: outbox.release(conn, ids, owner=self.owner, now=self.clock())
                 )
-            except Exception as exc:
-                log.error("lease_failed", error=redactor.clean(str(exc)))
-                await self._idle()
-                continue
-            for row in leased:
-                task = asyncio.create_task(self._deliver(row))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-            if not leased:
-                await self._idle()
+
+    def _start(self, row: outbox.Leased) -> None:
+        task = asyncio.create_task(self._deliver(row))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _wait_any(self) -> None:
+        """Until a delivery finishes, new work is announced, or we are told to stop."""
+        self._wake.clear()
+        waiters = {
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        }
+        try:
+            await asyncio.wait({*self._running, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     def _lease(self, limit: int, conn: Connection) -> list[outbox.Leased]:
         return outbox.lease(
@@ -142,6 +179,7 @@ class Dispatcher:
         started = self.clock()
         t0 = time.perf_counter()
         error: DeliveryError | None = None
+        links: StoreLinkBook | None = None
         try:
             connector = self.connectors.get(row.destination)
             if connector is None:
@@ -175,7 +213,7 @@ class Dispatcher:
         duration_ms = (time.perf_counter() - t0) * 1000
         outcome = self._outcome(row, error, started, duration_ms)
         try:
-            await self.store.writer.run(lambda conn: outbox.complete(conn, [outcome], self.clock()))
+            await self._record(outcome, links)
         except Exception as exc:
             # The lease stays; recovery will hand it out again. Nothing is lost.
             bound.error("outcome_not_recorded", error=redactor.clean(str(exc)))
@@ -190,6 +228,34 @@ class Dispatcher:
         level = "info" if outcome.state == DeliveryState.DELIVERED else "warning"
         getattr(bound, level)(outcome.label, **fields)
         self.wake()  # the next event of this ticket may now be due
+
+    async def _record(self, outcome: outbox.Outcome, links: StoreLinkBook | None) -> None:
+        """Queue the outcome (with the delivery's held-back links) for the next shared write."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((outcome, links, future))
+        if len(self._outcomes) == 1:
+            asyncio.get_running_loop().create_task(self._flush_outcomes())
+        await future
+
+    async def _flush_outcomes(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+
+        def _write(conn: Connection) -> int:
+            for _, links, _ in batch:
+                if links is not None:
+                    links.flush(conn)
+            return outbox.complete(conn, [o for o, _, _ in batch], self.clock())
+
+        try:
+            await self.store.writer.run(_write)
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, _, future in batch:
+            if not future.done():
+                future.set_result(None)
 
     async def _plan(self, row: outbox.Leased, connector: Connector, links: StoreLinkBook) -> Plan:
         """Map with the current config, so a fixed rule applies to a resent event."""

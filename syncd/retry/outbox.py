@@ -274,6 +274,26 @@ def complete(conn: Connection, outcomes: Sequence[Outcome], now: float) -> int:
     return int(result.rowcount or 0)
 
 
+def release(conn: Connection, ids: list[int], *, owner: str, now: float) -> int:
+    """Give back leased deliveries that were never attempted (the dispatcher is stopping)."""
+    d = deliveries
+    result = conn.execute(
+        update(d)
+        .where(
+            d.c.id.in_(ids), d.c.lease_owner == owner, d.c.state == DeliveryState.IN_FLIGHT.value
+        )
+        .values(
+            state=DeliveryState.PENDING.value,
+            attempts=d.c.attempts - 1,
+            next_attempt_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    return int(result.rowcount or 0)
+
+
 def recover_leases(conn: Connection, now: float, *, all_leases: bool = False) -> int:
     """Return deliveries whose worker died to ``pending``, noting the lost attempt.
 

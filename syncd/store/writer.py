@@ -1,10 +1,10 @@
 """Group commit: many small writes from asyncio code, one transaction per batch.
 
 Every write syncd makes (intake inserts, leases, attempt outcomes, links)
-goes through one writer thread. It drains whatever has queued up, runs each
-job inside its own SAVEPOINT of a single transaction, and commits once, so
-a burst of 200 webhooks costs one fsync rather than 200. A job that raises
-rolls back only its savepoint; its caller gets the exception.
+goes through one writer thread. It drains whatever has queued up, runs the
+jobs in one transaction and commits once, so a burst of 200 webhooks costs
+one fsync rather than 200. A job that raises fails alone: the batch is then
+replayed one job per transaction, and only that job's caller gets the error.
 
 Written here rather than taken from a library because the batching has to
 sit between SQLAlchemy's transaction and asyncio futures, which no queue
@@ -99,26 +99,30 @@ class StoreWriter:
                 return
 
     def _commit(self, batch: list[_Job]) -> None:
-        outcomes: list[tuple[Any, BaseException | None]] = []
+        """Fast path: the whole batch in one transaction. If any job raises, the
+        transaction is rolled back and each job runs again in its own, so one bad
+        job fails alone. Jobs are plain functions of the connection, so running
+        one again after a rollback is safe."""
+        results: list[Any] = []
         try:
             with self._engine.begin() as conn:
                 for job in batch:
-                    savepoint = conn.begin_nested() if len(batch) > 1 else None
-                    try:
-                        result = job.fn(conn)
-                    except Exception as exc:
-                        if savepoint is not None:
-                            savepoint.rollback()
-                            outcomes.append((None, exc))
-                            continue
-                        raise
-                    if savepoint is not None:
-                        savepoint.commit()
-                    outcomes.append((result, None))
+                    results.append(job.fn(conn))
         except Exception as exc:
-            # The commit itself failed (or the single job raised): nobody's write landed.
+            if len(batch) == 1:
+                _notify(batch[0], None, exc)
+                return
             for job in batch:
-                _notify(job, None, exc)
+                self._commit_one(job)
             return
-        for job, (result, error) in zip(batch, outcomes, strict=True):
-            _notify(job, result, error)
+        for job, result in zip(batch, results, strict=True):
+            _notify(job, result, None)
+
+    def _commit_one(self, job: _Job) -> None:
+        try:
+            with self._engine.begin() as conn:
+                result = job.fn(conn)
+        except Exception as exc:
+            _notify(job, None, exc)
+            return
+        _notify(job, result, None)
