@@ -11,6 +11,7 @@ are recorded in ``poll_state``; they never stop the daemon.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +60,36 @@ def _load(conn: Connection, source: str) -> tuple[str | None, float | None, int]
     return row.cursor, row.next_poll_at, int(row.consecutive_failures)
 
 
-def _newest_known(conn: Connection, source: str, ticket_id: str) -> tuple[bool, float | None]:
+@dataclass(frozen=True)
+class Known:
+    """What syncd already holds about one ticket."""
+
+    seen: bool
+    newest: float | None = None
+    #: The status of the most recent event that carried one.
+    status: str | None = None
+
+
+def _known(conn: Connection, source: str, ticket_id: str) -> Known:
     row = conn.execute(
         select(func.count(), func.max(events.c.occurred_at)).where(
             events.c.source == source, events.c.ticket_id == ticket_id
         )
     ).one()
-    return int(row[0]) > 0, (None if row[1] is None else float(row[1]))
+    if not row[0]:
+        return Known(seen=False)
+    status = None
+    recent = conn.execute(
+        select(events.c.payload)
+        .where(events.c.source == source, events.c.ticket_id == ticket_id)
+        .order_by(events.c.occurred_at.desc(), events.c.id.desc())
+        .limit(20)
+    ).scalars()
+    for payload in recent:
+        status = json.loads(payload).get("status")
+        if status is not None:
+            break
+    return Known(seen=True, newest=None if row[1] is None else float(row[1]), status=status)
 
 
 class PollRunner:
@@ -124,23 +148,26 @@ class PollRunner:
         return PollReport(self.source, pages=pages, tickets=tickets, recovered=recovered)
 
     async def _reconcile(self, ticket: PolledTicket) -> int:
-        seen, newest = await self.store.read(
-            lambda conn: _newest_known(conn, self.source, ticket.ticket_id)
-        )
+        known = await self.store.read(lambda conn: _known(conn, self.source, ticket.ticket_id))
         changed_at = ticket.updated_at.timestamp()
         candidates: list[TicketEvent] = []
         for event in ticket.events:
             if event.kind == EventKind.COMMENT_ADDED:
                 candidates.append(event.model_copy(update={"recovered_by_poll": True}))
                 continue
-            if newest is not None and newest >= changed_at - _SAME_CHANGE_SECONDS:
+            same_status = event.status is None or event.status.value == known.status
+            if (
+                known.newest is not None
+                and known.newest >= changed_at - _SAME_CHANGE_SECONDS
+                and same_status
+            ):
                 continue  # a webhook told us about this change (or a later one)
             update: dict[str, object] = {
-                "kind": EventKind.TICKET_UPDATED if seen else EventKind.TICKET_CREATED,
+                "kind": EventKind.TICKET_UPDATED if known.seen else EventKind.TICKET_CREATED,
                 "recovered_by_poll": True,
                 "occurred_at": ticket.updated_at,
             }
-            if seen:
+            if known.seen:
                 # The first message rides on the state event only for a ticket never seen.
                 update["comment"] = None
             candidates.append(event.model_copy(update=update))

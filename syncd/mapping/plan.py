@@ -86,7 +86,14 @@ class Plan:
         out: list[Upsert] = []
         for op in self.operations:
             if isinstance(op, UpsertContact):
-                fields = {"name": op.name, "emails": list(op.emails), "phones": list(op.phones)}
+                # What this event does not know is left out, so an update never blanks it.
+                fields: dict[str, Any] = {}
+                if op.name:
+                    fields["name"] = op.name
+                if op.emails:
+                    fields["emails"] = list(op.emails)
+                if op.phones:
+                    fields["phones"] = list(op.phones)
                 if op.responsible_id is not None:
                     fields["responsible_id"] = op.responsible_id
                 out.append(
