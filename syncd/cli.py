@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,6 +289,45 @@ def quarantine_reingest(
         return 1 if still_bad else 0
 
     raise typer.Exit(asyncio.run(_with_intake(cfg, _run)))
+
+
+@app.command()
+def resend(
+    config: Path = ConfigOption,
+    event: list[int] = typer.Option([], "--event", help="Resend this event's deliveries."),
+    state: list[str] = typer.Option([], "--state", help="failed, expired, delivered (repeatable)."),
+    destination: str | None = typer.Option(None, help="Only deliveries to this destination."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Queue finished deliveries again with a fresh retry window (works with the daemon down).
+
+    The mapping runs again with the current config when they are sent, and the links
+    table makes a resent delivered event update its CRM records rather than duplicate them.
+    """
+    from syncd.retry import outbox
+
+    if not event and not state:
+        typer.echo("syncd: say what to resend: --event ID and/or --state STATE", err=True)
+        raise typer.Exit(2)
+    cfg = _load_or_exit(config)
+    store = _open_store(cfg)
+    try:
+        with store.read_engine.connect() as conn:
+            ids = outbox.select_deliveries(
+                conn,
+                states=state or ("failed", "expired", "delivered"),
+                destination=destination,
+                event_ids=event,
+            )
+        if not ids:
+            typer.echo("nothing matches")
+            return
+        if not yes and not typer.confirm(f"Resend {len(ids)} deliveries?"):
+            raise typer.Exit(1)
+        count = store.write_sync(lambda c: outbox.resend(c, ids, time.time()))
+    finally:
+        store.close()
+    typer.echo(f"queued {count} deliveries again")
 
 
 @app.command()

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from syncd.events import IncomingEvent
 from syncd.store.models import (
     ACTIVE_STATES,
+    TERMINAL_STATES,
     DeliveryState,
     attempts,
     deliveries,
@@ -292,6 +293,54 @@ def release(conn: Connection, ids: list[int], *, owner: str, now: float) -> int:
         )
     )
     return int(result.rowcount or 0)
+
+
+def resend(conn: Connection, delivery_ids: Sequence[int], now: float) -> int:
+    """Queue finished deliveries again, with a fresh retry window.
+
+    Mapping runs again when they are sent, so a rule fixed since they failed
+    applies; links make a resent delivered event update, not duplicate.
+    Deliveries still in the air are left alone.
+    """
+    if not delivery_ids:
+        return 0
+    d = deliveries
+    result = conn.execute(
+        update(d)
+        .where(d.c.id.in_(list(delivery_ids)), d.c.state.in_([s.value for s in TERMINAL_STATES]))
+        .values(
+            state=DeliveryState.PENDING.value,
+            next_attempt_at=now,
+            first_failed_at=None,
+            finished_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+def select_deliveries(
+    conn: Connection,
+    *,
+    states: Sequence[str] = (),
+    destination: str | None = None,
+    event_ids: Sequence[int] = (),
+    since: float | None = None,
+    limit: int = 100_000,
+) -> list[int]:
+    """Delivery ids matching a filter (for resend), oldest first."""
+    query = select(deliveries.c.id).order_by(deliveries.c.id).limit(limit)
+    if states:
+        query = query.where(deliveries.c.state.in_(list(states)))
+    if destination:
+        query = query.where(deliveries.c.destination == destination)
+    if event_ids:
+        query = query.where(deliveries.c.event_id.in_(list(event_ids)))
+    if since is not None:
+        query = query.where(deliveries.c.created_at >= since)
+    return [int(i) for i in conn.execute(query).scalars()]
 
 
 def recover_leases(conn: Connection, now: float, *, all_leases: bool = False) -> int:

@@ -123,3 +123,57 @@ async def test_unmatched_ticket_fails_with_the_reason(
         "no mapping rule matched: rule 'chat only' did not match"
     )
     assert state.records == {}
+
+
+async def test_resend_maps_again_with_the_fixed_rules_and_never_duplicates(
+    store: Store, sink: tuple[ServerThread, SinkState]
+) -> None:
+    server, state = sink
+    store.write_sync(lambda c: outbox.enqueue(c, new_ticket("5"), time.time()))
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    strict = MappingConfig.model_validate(
+        {"rules": [{"name": "chat only", "when": {"channel": ["chat"]}}]}
+    )
+    first = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), mappings={"crm": strict}, poll_interval=0.02
+    )
+    task = asyncio.create_task(first.run())
+    try:
+        for _ in range(500):
+            if (await store.read(lambda c: outbox.counts_by_state(c)["crm"]))["failed"]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await first.stop(5)
+        await task
+    assert state.records == {}
+
+    # the admin fixes the rules and resends what failed
+    fixed = MappingConfig.model_validate(
+        {
+            "rules": [
+                {"name": "everything", "then": {"deal_fields": {"subject": "{{ ticket.subject }}"}}}
+            ]
+        }
+    )
+    ids = store.write_sync(lambda c: outbox.select_deliveries(c, states=["failed"]))
+    assert store.write_sync(lambda c: outbox.resend(c, ids, time.time())) == 1
+    second = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), mappings={"crm": fixed}, poll_interval=0.02
+    )
+    await drain(second, store, expected=1)
+    assert [
+        r["fields"].get("subject") for r in state.records.values() if r["entity"] == "deal"
+    ] == ["Ticket 5"]
+
+    # resending a delivered event updates the same records
+    ids = store.write_sync(lambda c: outbox.select_deliveries(c, states=["delivered"]))
+    store.write_sync(lambda c: outbox.resend(c, ids, time.time()))
+    third = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), mappings={"crm": fixed}, poll_interval=0.02
+    )
+    await drain(third, store, expected=1)
+    await connector.aclose()
+    assert state.duplicate_creates() == {}
+    assert sorted(r["entity"] for r in state.records.values()) == ["contact", "deal"]
+    assert state.updates >= 2
