@@ -153,7 +153,7 @@ class Config(_Strict):
         return [s for s in found if s]
 
 
-_SECRET_KEY = re.compile(r"(secret|token|password|key|auth)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(secret|token|password|key|auth|webhook)", re.IGNORECASE)
 
 
 def _secrets_in(value: Any, key: str = "") -> list[str]:
