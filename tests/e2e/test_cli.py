@@ -73,5 +73,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "0 duplicate creates" in result.stdout
+    assert "one deal per ticket in both CRMs: True" in result.stdout
+    assert "went to quarantine" in result.stdout
     assert (tmp_path / "syncd-demo.db").exists()
