@@ -44,13 +44,49 @@ def _load_or_exit(path: Path) -> Config:
 
 
 @app.command("check-config")
-def check_config(config: Path = ConfigOption) -> None:
+def check_config(
+    config: Path = ConfigOption,
+    ping: bool = typer.Option(
+        False, "--ping", help="Also call each destination and check its credentials."
+    ),
+) -> None:
     """Validate a config file and print every problem found, each with its key."""
     cfg = _load_or_exit(config)
     typer.echo(
         f"{config}: OK ({len(cfg.sources)} source(s), {len(cfg.destinations)} destination(s), "
         f"store {resolve_store_url(cfg).split('://', 1)[0]})"
     )
+    if ping:
+        logs.redactor.add(cfg.secret_values())
+        failed = asyncio.run(_ping(cfg))
+        raise typer.Exit(1 if failed else 0)
+
+
+async def _ping(cfg: Config) -> int:
+    """Call every destination once; print what works and what does not. Returns failures."""
+    from syncd.connectors import registry
+    from syncd.connectors.transport import AiohttpTransport
+    from syncd.errors import DeliveryError
+
+    failed = 0
+    for name, dest in cfg.destinations.items():
+        connector = registry.build(
+            name, dest, timeout=cfg.delivery.request_timeout_seconds, transport=AiohttpTransport()
+        )
+        try:
+            lines = await connector.check()
+        except DeliveryError as exc:
+            failed += 1
+            typer.echo(
+                f"destinations.{name} ({dest.kind}): FAILED: {logs.redactor.clean(str(exc))}"
+            )
+        else:
+            typer.echo(f"destinations.{name} ({dest.kind}): OK")
+            for line in lines:
+                typer.echo(f"  {logs.redactor.clean(line)}")
+        finally:
+            await connector.aclose()
+    return failed
 
 
 @app.command()

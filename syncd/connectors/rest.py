@@ -169,6 +169,18 @@ class RestConnector(RecordConnector):
             return None
         return LinkRef(crm_id=str(crm_id), url=self._url_for(op.entity, str(crm_id)))
 
+    async def check(self) -> list[str]:
+        """Ask the lookup endpoint for a key that cannot exist: any answer but an error is fine."""
+        if self.settings.lookup is None:
+            return ["no lookup template: nothing to call"]
+        probe = Upsert(entity="deal", external_key="syncd-ping-0")
+        response = await self._send(self.settings.lookup, self._variables(probe, None), None)
+        if response.status_code not in (200, 204, 404):
+            error = error_for_response(response)
+            if error is not None:
+                raise error
+        return [f"lookup answered HTTP {response.status_code}"]
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
