@@ -49,6 +49,7 @@ def monitor_router(store: Store, config: Config | None = None) -> APIRouter:
                 "oldest_pending_at": outbox.oldest_pending_at(conn),
                 "quarantined": quarantine.count_by_source(conn),
                 "pollers": poll_states(conn),
+                "destination_status": outbox.destination_statuses(conn),
             }
 
         result = await store.read(_query)
@@ -65,6 +66,7 @@ def monitor_router(store: Store, config: Config | None = None) -> APIRouter:
             else round(time.time() - oldest, 3),
             "quarantined": result["quarantined"],
             "pollers": result["pollers"],
+            "destination_status": result["destination_status"],
         }
 
     return router

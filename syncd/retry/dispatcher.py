@@ -25,10 +25,11 @@ from pydantic import ValidationError
 from sqlalchemy import Connection
 
 from syncd.connectors.base import Connector, DeliveryContext
-from syncd.errors import DeliveryError, MappingError, PermanentError
+from syncd.errors import AccessDenied, DeliveryError, MappingError, PermanentError
 from syncd.logs import redactor
 from syncd.mapping import MappingConfig, Plan, Upsert, contact_keys, plan
 from syncd.retry import outbox
+from syncd.retry.breaker import Breaker
 from syncd.retry.links import StoreLinkBook
 from syncd.retry.policy import Fail, Retry, RetryPolicy
 from syncd.store import Store
@@ -58,6 +59,7 @@ class Dispatcher:
         poll_interval: float = 0.5,
         install_id: str = "0",
         mappings: Mapping[str, MappingConfig] | None = None,
+        breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -76,6 +78,8 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._outcomes: list[tuple[outbox.Outcome, StoreLinkBook | None, asyncio.Future[None]]] = []
         self._rng = random.Random()
+        self.breaker = breaker or Breaker(clock=clock)
+        self._flagged: set[str] = set()
 
     def wake(self) -> None:
         """New work may be due: skip the rest of the poll interval."""
@@ -140,8 +144,40 @@ class Dispatcher:
 
     def _lease(self, limit: int, conn: Connection) -> list[outbox.Leased]:
         return outbox.lease(
-            conn, owner=self.owner, now=self.clock(), lease_seconds=self.lease_seconds, limit=limit
+            conn,
+            owner=self.owner,
+            now=self.clock(),
+            lease_seconds=self.lease_seconds,
+            limit=limit,
+            exclude=self.breaker.paused(),
         )
+
+    async def _watch_health(self, destination: str, error: DeliveryError | None) -> None:
+        """Feed the breaker; show a trip (or the end of a problem) in destination_status."""
+        trip = self.breaker.record(destination, error)
+        now = self.clock()
+        if trip is not None:
+            self._flagged.add(destination)
+            log.warning(
+                "destination_paused",
+                destination=destination,
+                paused_for_s=round(trip.paused_until - now, 1),
+                problem=redactor.clean(trip.problem),
+            )
+            problem = redactor.clean(trip.problem)
+            await self.store.writer.run(
+                lambda conn: outbox.set_destination_status(
+                    conn, destination, paused_until=trip.paused_until, problem=problem, now=now
+                )
+            )
+        elif error is None and destination in self._flagged:
+            self._flagged.discard(destination)
+            log.info("destination_recovered", destination=destination)
+            await self.store.writer.run(
+                lambda conn: outbox.set_destination_status(
+                    conn, destination, paused_until=None, problem=None, now=now
+                )
+            )
 
     async def _idle(self) -> None:
         waiters = [
@@ -211,6 +247,7 @@ class Dispatcher:
             error = DeliveryError(f"unexpected {type(exc).__name__}: {exc}")
             bound.exception("connector_crashed")
         duration_ms = (time.perf_counter() - t0) * 1000
+        await self._watch_health(row.destination, error)
         outcome = self._outcome(row, error, started, duration_ms)
         try:
             await self._record(outcome, links)
@@ -308,6 +345,13 @@ class Dispatcher:
             error, failures=row.attempt, first_failed_at=first_failed_at, now=now, rng=self._rng
         )
         failed = replace(base, status_code=error.status_code, first_failed_at=first_failed_at)
+        paused_until = self.breaker.paused_until(row.destination)
+        if isinstance(error, AccessDenied) and paused_until is not None:
+            # Refused credentials or a blocked account: not this event's fault. It waits
+            # with the rest of the destination, inside its retry window.
+            deadline = first_failed_at + self.policy.window
+            if now < deadline:
+                decision = Retry(at=min(paused_until, deadline))
         if isinstance(decision, Retry):
             return replace(
                 failed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,14 @@ from sqlalchemy import Connection, and_, bindparam, delete, exists, func, select
 from sqlalchemy.exc import IntegrityError
 
 from syncd.events import IncomingEvent
+from syncd.store.dialect import upsert
 from syncd.store.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     DeliveryState,
     attempts,
     deliveries,
+    destination_status,
     events,
 )
 
@@ -141,7 +143,13 @@ def _existing(conn: Connection, source: str, dedup_key: str) -> int | None:
 
 
 def lease(
-    conn: Connection, *, owner: str, now: float, lease_seconds: float, limit: int
+    conn: Connection,
+    *,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    exclude: Collection[str] = (),
 ) -> list[Leased]:
     """Claim up to ``limit`` due deliveries that head their ticket's queue."""
     d = deliveries
@@ -158,6 +166,9 @@ def lease(
         .order_by(d.c.next_attempt_at, d.c.id)
         .limit(limit)
     )
+    if exclude:
+        # Destinations whose circuit breaker is open wait; the others flow past them.
+        query = query.where(d.c.destination.not_in(list(exclude)))
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True, of=d)
     ids = list(conn.execute(query).scalars())
@@ -434,6 +445,41 @@ def purge_delivered(conn: Connection, before: float, *, limit: int = 5000) -> in
     if orphans:
         conn.execute(delete(events).where(events.c.id.in_(orphans)))
     return len(ids)
+
+
+def set_destination_status(
+    conn: Connection,
+    destination: str,
+    *,
+    paused_until: float | None,
+    problem: str | None,
+    now: float,
+) -> None:
+    upsert(
+        conn,
+        destination_status,
+        {
+            "destination": destination,
+            "paused_until": paused_until,
+            "problem": problem,
+            "problem_at": now if problem else None,
+            "updated_at": now,
+        },
+        ("destination",),
+        ("paused_until", "problem", "problem_at", "updated_at"),
+    )
+
+
+def destination_statuses(conn: Connection) -> dict[str, dict[str, Any]]:
+    return {
+        row.destination: {
+            "paused_until": row.paused_until,
+            "problem": row.problem,
+            "problem_at": row.problem_at,
+        }
+        for row in conn.execute(select(destination_status))
+        if row.problem or row.paused_until
+    }
 
 
 def counts_by_state(conn: Connection) -> dict[str, dict[str, int]]:

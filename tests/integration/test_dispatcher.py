@@ -177,3 +177,62 @@ async def test_resend_maps_again_with_the_fixed_rules_and_never_duplicates(
     assert state.duplicate_creates() == {}
     assert sorted(r["entity"] for r in state.records.values()) == ["contact", "deal"]
     assert state.updates >= 2
+
+
+async def test_blocked_account_pauses_the_destination_and_loses_nothing(store: Store) -> None:
+    from syncd.connectors.amocrm import AmoCrmConnector, AmoCrmSettings
+    from syncd.emulators.amocrm import create_amocrm_emulator
+    from syncd.retry.breaker import Breaker
+
+    app, amo = create_amocrm_emulator(long_lived_token="tok-123456", rate_limit=None)
+    server = ServerThread(app).start()
+    amo.block_account(402)  # unpaid: every request is refused
+    for ticket in ("1", "2", "3"):
+        store.write_sync(
+            lambda c, t=ticket: outbox.enqueue(c, new_ticket(t, client_id=t), time.time())
+        )
+    connector = AmoCrmConnector(
+        "amo",
+        AmoCrmSettings(
+            base_url=server.url, access_token="tok-123456", rate_per_second=50, burst=50
+        ),
+        timeout=5,
+    )
+    breaker = Breaker(auth_pause=0.5)
+    dispatcher = Dispatcher(
+        store, {"amo": connector}, RetryPolicy(), mappings={}, breaker=breaker, poll_interval=0.02
+    )
+    # the events were queued for "crm"; point them at this destination
+    from sqlalchemy import update
+
+    from syncd.store.models import deliveries
+
+    store.write_sync(lambda c: c.execute(update(deliveries).values(destination="amo")))
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        for _ in range(500):
+            statuses = await store.read(outbox.destination_statuses)
+            if "amo" in statuses:
+                break
+            await asyncio.sleep(0.01)
+        assert (
+            "402" in str(statuses["amo"]["problem"])
+            or "blocked" in str(statuses["amo"]["problem"]).lower()
+        )
+        counts = await store.read(lambda c: outbox.counts_by_state(c)["amo"])
+        assert counts["failed"] == 0  # nothing was given up on
+        # one request per delivery already in the air when it tripped, then silence
+        assert len(amo.requests) <= 3
+        amo.unblock_account()
+        for _ in range(1000):
+            counts = await store.read(lambda c: outbox.counts_by_state(c)["amo"])
+            if counts["delivered"] == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert counts["delivered"] == 3 and len(amo.leads) == 3
+        assert (await store.read(outbox.destination_statuses)) == {}
+    finally:
+        await dispatcher.stop(5)
+        await task
+        await connector.aclose()
+        server.stop()
