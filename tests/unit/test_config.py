@@ -142,7 +142,13 @@ def test_check_config_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     example = Path(__file__).parents[2] / "config" / "syncd.example.toml"
-    for name in ("SYNCD_HOOK_SECRET", "CRM_API_TOKEN", "USEDESK_SECRET", "ZENDESK_SIGNING_SECRET", "ZENDESK_API_TOKEN"):
+    for name in (
+        "SYNCD_HOOK_SECRET",
+        "CRM_API_TOKEN",
+        "USEDESK_SECRET",
+        "ZENDESK_SIGNING_SECRET",
+        "ZENDESK_API_TOKEN",
+    ):
         monkeypatch.setenv(name, "x" * 16)
     cfg = load_config(example)
     assert set(cfg.sources) == {"helpdesk", "usedesk", "zendesk"} and cfg.destinations
