@@ -97,13 +97,19 @@ def parse_time(value: Any) -> datetime | None:
     if value is None or value == "" or isinstance(value, bool):
         return None
     if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
-        return datetime.fromtimestamp(float(value), tz=UTC)
+        try:
+            when = datetime.fromtimestamp(float(value), tz=UTC)
+        except (ValueError, OverflowError, OSError):
+            return None  # out of any calendar: treat as "no time given"
+        # Far-off years break arithmetic on the time later (dedup keys, SLA due times).
+        return when if 1970 <= when.year <= 9000 else None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return parsed if 1970 <= parsed.year <= 9000 else None
     return None
 
 

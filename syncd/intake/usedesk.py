@@ -149,6 +149,14 @@ def usedesk_status(value: object) -> tuple[Status | None, str | None]:
 
 def parse_usedesk_time(value: object, zone: tzinfo) -> datetime | None:
     """A Usedesk time in UTC; naive values are read in ``zone``. None if it cannot be read."""
+    try:
+        parsed = _parse_usedesk_time(value, zone)
+    except (ValueError, OverflowError, OSError):
+        return None  # out of any calendar
+    return parsed if parsed is None or 1970 <= parsed.year <= 9000 else None
+
+
+def _parse_usedesk_time(value: object, zone: tzinfo) -> datetime | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -473,7 +473,7 @@ class ZendeskSource(WebhookSource):
 def _updated_at(ticket: dict[str, Any]) -> datetime | None:
     found = parse_time(_text(ticket.get("updated_at")))
     if found is None and isinstance(ticket.get("generated_timestamp"), int):
-        found = datetime.fromtimestamp(ticket["generated_timestamp"], tz=UTC)
+        found = parse_time(ticket["generated_timestamp"])
     return found
 
 

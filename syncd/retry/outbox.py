@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, exists, func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from syncd.events import IncomingEvent
-from syncd.store.dialect import upsert
+from syncd.store.dialect import insert_ignore_id, upsert
 from syncd.store.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -89,33 +88,28 @@ def ordering_key(source: str, ticket_id: str) -> str:
 
 def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
     """Store an event and one pending delivery per destination, unless already stored."""
-    if event.dedup_key is not None:
-        existing = _existing(conn, event.source, event.dedup_key)
-        if existing is not None:
+    values = {
+        "source": event.source,
+        "ticket_id": event.ticket_id,
+        "kind": event.kind,
+        "dedup_key": event.dedup_key,
+        "payload": json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
+        "received_at": now,
+        "occurred_at": event.occurred_at,
+        "recovered_by_poll": event.recovered_by_poll,
+    }
+    if event.dedup_key is None:
+        key = conn.execute(events.insert().values(**values)).inserted_primary_key
+        assert key is not None
+        event_id = int(key[0])
+    else:
+        # One statement whether new or seen before (and safe against a replica racing us).
+        new_id = insert_ignore_id(conn, events, values, ("source", "dedup_key"))
+        if new_id is None:
+            existing = _existing(conn, event.source, event.dedup_key)
+            assert existing is not None
             return Enqueued(event_id=existing, deliveries=0, duplicate=True)
-    try:
-        with conn.begin_nested():
-            result = conn.execute(
-                events.insert().values(
-                    source=event.source,
-                    ticket_id=event.ticket_id,
-                    kind=event.kind,
-                    dedup_key=event.dedup_key,
-                    payload=json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
-                    received_at=now,
-                    occurred_at=event.occurred_at,
-                    recovered_by_poll=event.recovered_by_poll,
-                )
-            )
-    except IntegrityError:
-        # Another replica stored the same dedup key between our check and insert.
-        assert event.dedup_key is not None
-        existing = _existing(conn, event.source, event.dedup_key)
-        assert existing is not None
-        return Enqueued(event_id=existing, deliveries=0, duplicate=True)
-    key = result.inserted_primary_key
-    assert key is not None
-    event_id = int(key[0])
+        event_id = new_id
     rows = [
         {
             "event_id": event_id,

@@ -37,6 +37,21 @@ def insert_ignore(
     return conn.execute(stmt).first() is not None
 
 
+def insert_ignore_id(
+    conn: Connection, table: Table, values: Mapping[str, Any], conflict: Sequence[str]
+) -> int | None:
+    """Like :func:`insert_ignore`, but returns the new row's id (None when skipped)."""
+    key = next(iter(table.primary_key.columns))
+    stmt = (
+        _insert(conn, table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=list(conflict))
+        .returning(key)
+    )
+    row = conn.execute(stmt).first()
+    return None if row is None else int(row[0])
+
+
 def upsert(
     conn: Connection,
     table: Table,

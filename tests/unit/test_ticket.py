@@ -116,3 +116,18 @@ def test_event_round_trips_through_json() -> None:
         tags=("vip",),
     )
     assert TicketEvent.model_validate(event.model_dump(mode="json")) == event
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [-62135596801, 10**20, "99999999999999", "0001-01-01T00:00:00+05:00", "0001-01-01 00:00:00"],
+)
+def test_times_out_of_any_calendar_read_as_no_time(raw: object) -> None:
+    """Found by hypothesis: such a value used to crash intake with a 500."""
+    from zoneinfo import ZoneInfo
+
+    from syncd.intake.generic import parse_time
+    from syncd.intake.usedesk import parse_usedesk_time
+
+    assert parse_time(raw) is None
+    assert parse_usedesk_time(raw, ZoneInfo("Europe/Moscow")) is None
