@@ -55,15 +55,17 @@ def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
     try:
         cls.settings_model.model_validate(dest.settings())
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            message = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
-                err["type"], err["msg"]
-            )
-            problems.append((key, message))
-        return problems
+        return validation_problems(exc)
     return []
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """Pydantic's errors as (dotted key, readable message), the way check-config shows them."""
+    messages = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+    return [
+        (".".join(str(p) for p in err["loc"]), messages.get(err["type"], err["msg"]))
+        for err in exc.errors()
+    ]
 
 
 def build(

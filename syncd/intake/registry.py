@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 from pydantic import ValidationError
 
 from syncd.config import SourceConfig
+from syncd.connectors.registry import validation_problems
 from syncd.intake.base import WebhookSource
 
 BUILTIN: dict[str, str] = {
@@ -47,14 +48,7 @@ def validate_source(src: SourceConfig) -> list[tuple[str, str]]:
     try:
         cls.settings_model.model_validate(src.settings())
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            message = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
-                err["type"], err["msg"]
-            )
-            problems.append((key, message))
-        return problems
+        return validation_problems(exc)
     return []
 
 

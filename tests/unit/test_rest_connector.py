@@ -19,32 +19,9 @@ from syncd.errors import (
     TransportError,
 )
 from syncd.mapping import AddNote, Plan, UpsertContact, UpsertDeal
+from tests.helpers import MemoryLinks
 
 BASE = "http://crm.test"
-
-
-class MemoryLinks:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], LinkRef] = {}
-        self.log: list[str] = []
-
-    async def get(self, entity: str, external_key: str) -> LinkRef | None:
-        return self.rows.get((entity, external_key))
-
-    async def intend(self, entity: str, external_key: str) -> bool:
-        self.log.append(f"intend {entity}:{external_key}")
-        if (entity, external_key) in self.rows:
-            return False
-        self.rows[(entity, external_key)] = LinkRef(crm_id=None)
-        return True
-
-    async def record(self, entity: str, external_key: str, crm_id: str, url: str | None) -> None:
-        self.log.append(f"record {entity}:{external_key}={crm_id}")
-        self.rows[(entity, external_key)] = LinkRef(crm_id=crm_id, url=url)
-
-    async def record_identities(self, entity: str, keys: tuple[str, ...], crm_id: str) -> None:
-        for key in keys:
-            self.rows.setdefault((entity, key), LinkRef(crm_id=crm_id))
 
 
 def connector(**settings: object) -> RestConnector:
