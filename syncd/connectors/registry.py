@@ -6,12 +6,12 @@ packages add kinds through the ``syncd.connectors`` entry-point group.
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
+from typing import cast
 
 import httpx
 from pydantic import ValidationError
 
+from syncd import plugins
 from syncd.config import DestinationConfig
 from syncd.connectors.base import Connector, CredentialStore
 
@@ -23,23 +23,11 @@ BUILTIN: dict[str, str] = {
 
 
 def known_kinds() -> list[str]:
-    plugins = {ep.name for ep in entry_points(group="syncd.connectors")}
-    return sorted(set(BUILTIN) | plugins)
+    return plugins.known_kinds(BUILTIN, "syncd.connectors")
 
 
 def connector_class(kind: str) -> type[Connector]:
-    target = BUILTIN.get(kind)
-    if target is None:
-        for ep in entry_points(group="syncd.connectors"):
-            if ep.name == kind:
-                loaded = ep.load()
-                assert isinstance(loaded, type) and issubclass(loaded, Connector)
-                return loaded
-        raise KeyError(kind)
-    module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
-    assert isinstance(cls, type) and issubclass(cls, Connector)
-    return cls
+    return cast(type[Connector], plugins.load_kind(kind, BUILTIN, "syncd.connectors", Connector))
 
 
 def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
@@ -55,17 +43,8 @@ def validate_destination(dest: DestinationConfig) -> list[tuple[str, str]]:
     try:
         cls.settings_model.model_validate(dest.settings())
     except ValidationError as exc:
-        return validation_problems(exc)
+        return plugins.validation_problems(exc)
     return []
-
-
-def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """Pydantic's errors as (dotted key, readable message), the way check-config shows them."""
-    messages = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
-    return [
-        (".".join(str(p) for p in err["loc"]), messages.get(err["type"], err["msg"]))
-        for err in exc.errors()
-    ]
 
 
 def build(

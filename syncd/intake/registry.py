@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
+from typing import cast
 
 from pydantic import ValidationError
 
+from syncd import plugins
 from syncd.config import SourceConfig
-from syncd.connectors.registry import validation_problems
 from syncd.intake.base import WebhookSource
 
 BUILTIN: dict[str, str] = {
@@ -19,23 +18,13 @@ BUILTIN: dict[str, str] = {
 
 
 def known_kinds() -> list[str]:
-    plugins = {ep.name for ep in entry_points(group="syncd.sources")}
-    return sorted(set(BUILTIN) | plugins)
+    return plugins.known_kinds(BUILTIN, "syncd.sources")
 
 
 def source_class(kind: str) -> type[WebhookSource]:
-    target = BUILTIN.get(kind)
-    if target is None:
-        for ep in entry_points(group="syncd.sources"):
-            if ep.name == kind:
-                loaded = ep.load()
-                assert isinstance(loaded, type) and issubclass(loaded, WebhookSource)
-                return loaded
-        raise KeyError(kind)
-    module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
-    assert isinstance(cls, type) and issubclass(cls, WebhookSource)
-    return cls
+    return cast(
+        type[WebhookSource], plugins.load_kind(kind, BUILTIN, "syncd.sources", WebhookSource)
+    )
 
 
 def validate_source(src: SourceConfig) -> list[tuple[str, str]]:
@@ -48,7 +37,7 @@ def validate_source(src: SourceConfig) -> list[tuple[str, str]]:
     try:
         cls.settings_model.model_validate(src.settings())
     except ValidationError as exc:
-        return validation_problems(exc)
+        return plugins.validation_problems(exc)
     return []
 
 
