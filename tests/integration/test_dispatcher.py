@@ -43,22 +43,35 @@ def new_ticket(ticket: str, client_id: str = "7") -> IncomingEvent:
     return IncomingEvent.from_ticket_event(event, ("crm",))
 
 
-async def drain(
-    dispatcher: Dispatcher, store: Store, expected: int, limit: float = 20
+async def run_until(
+    dispatcher: Dispatcher,
+    store: Store,
+    *,
+    count: int,
+    state: str = "delivered",
+    destination: str = "crm",
+    limit: float = 20,
 ) -> dict[str, int]:
+    """Run the dispatcher until ``count`` deliveries to ``destination`` are in ``state``."""
     task = asyncio.create_task(dispatcher.run())
     deadline = time.monotonic() + limit
     counts: dict[str, int] = {}
     try:
         while time.monotonic() < deadline:
-            counts = await store.read(lambda c: outbox.counts_by_state(c).get("crm", {}))
-            if counts.get("delivered", 0) >= expected:
+            counts = await store.read(lambda c: outbox.counts_by_state(c).get(destination, {}))
+            if counts.get(state, 0) >= count:
                 return counts
             await asyncio.sleep(0.02)
-        raise AssertionError(f"not delivered in time: {counts}")
+        raise AssertionError(f"not {state} in time: {counts}")
     finally:
         await dispatcher.stop(5)
         await task
+
+
+async def drain(
+    dispatcher: Dispatcher, store: Store, expected: int, limit: float = 20
+) -> dict[str, int]:
+    return await run_until(dispatcher, store, count=expected, limit=limit)
 
 
 async def test_two_tickets_of_one_new_client_make_one_contact(
@@ -106,16 +119,9 @@ async def test_unmatched_ticket_fails_with_the_reason(
     dispatcher = Dispatcher(
         store, {"crm": connector}, RetryPolicy(), mappings={"crm": strict}, poll_interval=0.02
     )
-    task = asyncio.create_task(dispatcher.run())
     try:
-        for _ in range(500):
-            counts = await store.read(lambda c: outbox.counts_by_state(c).get("crm", {}))
-            if counts.get("failed"):
-                break
-            await asyncio.sleep(0.01)
+        await run_until(dispatcher, store, count=1, state="failed")
     finally:
-        await dispatcher.stop(5)
-        await task
         await connector.aclose()
     with store.read_engine.connect() as conn:
         [error] = list(conn.execute(select(attempts.c.error)).scalars())
@@ -137,15 +143,7 @@ async def test_resend_maps_again_with_the_fixed_rules_and_never_duplicates(
     first = Dispatcher(
         store, {"crm": connector}, RetryPolicy(), mappings={"crm": strict}, poll_interval=0.02
     )
-    task = asyncio.create_task(first.run())
-    try:
-        for _ in range(500):
-            if (await store.read(lambda c: outbox.counts_by_state(c)["crm"]))["failed"]:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        await first.stop(5)
-        await task
+    await run_until(first, store, count=1, state="failed")
     assert state.records == {}
 
     # the admin fixes the rules and resends what failed
