@@ -19,9 +19,12 @@ class IncomingEvent:
     destinations: tuple[str, ...] = field(default=())
     occurred_at: float | None = None
     recovered_by_poll: bool = False
+    client_email: str | None = None
+    client_phone: str | None = None
 
     @classmethod
     def from_ticket_event(cls, event: TicketEvent, destinations: tuple[str, ...]) -> IncomingEvent:
+        client = event.client
         return cls(
             source=event.source,
             ticket_id=event.ticket_id,
@@ -31,4 +34,6 @@ class IncomingEvent:
             destinations=destinations,
             occurred_at=event.occurred_ts(),
             recovered_by_poll=event.recovered_by_poll,
+            client_email=client.emails[0] if client and client.emails else None,
+            client_phone=client.phones[0] if client and client.phones else None,
         )

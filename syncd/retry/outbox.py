@@ -97,6 +97,8 @@ def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
         "received_at": now,
         "occurred_at": event.occurred_at,
         "recovered_by_poll": event.recovered_by_poll,
+        "client_email": event.client_email,
+        "client_phone": event.client_phone,
     }
     if event.dedup_key is None:
         key = conn.execute(events.insert().values(**values)).inserted_primary_key
@@ -114,6 +116,7 @@ def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
         {
             "event_id": event_id,
             "destination": dest,
+            "source": event.source,
             "ordering_key": ordering_key(event.source, event.ticket_id),
             "state": DeliveryState.PENDING.value,
             "attempts": 0,

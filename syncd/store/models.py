@@ -24,11 +24,18 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     EXPIRED = "expired"
+    #: Folded into a later delivery of the same ticket, which carried its changes.
+    COALESCED = "coalesced"
 
 
 #: States a delivery can still leave on its own.
 ACTIVE_STATES = (DeliveryState.PENDING, DeliveryState.IN_FLIGHT, DeliveryState.RETRY_WAIT)
-TERMINAL_STATES = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED)
+TERMINAL_STATES = (
+    DeliveryState.DELIVERED,
+    DeliveryState.FAILED,
+    DeliveryState.EXPIRED,
+    DeliveryState.COALESCED,
+)
 
 
 class Event(SQLModel, table=True):
@@ -36,6 +43,9 @@ class Event(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("source", "dedup_key", name="uq_events_source_dedup"),
         Index("ix_events_ticket_time", "source", "ticket_id", "occurred_at"),
+        Index("ix_events_client_email", "client_email"),
+        Index("ix_events_client_phone", "client_phone"),
+        Index("ix_events_received", "received_at"),
     )
 
     id: int | None = Field(
@@ -50,6 +60,9 @@ class Event(SQLModel, table=True):
     #: When the change happened in the helpdesk (the reconciler compares on it).
     occurred_at: float | None = None
     recovered_by_poll: bool = False
+    #: The client's first e-mail and phone, so the monitor can find a ticket by them.
+    client_email: str | None = Field(default=None, max_length=254)
+    client_phone: str | None = Field(default=None, max_length=32)
 
 
 class Delivery(SQLModel, table=True):
@@ -59,6 +72,9 @@ class Delivery(SQLModel, table=True):
         Index("ix_deliveries_order", "destination", "ordering_key", "id"),
         Index("ix_deliveries_state", "state", "destination"),
         Index("ix_deliveries_event", "event_id"),
+        Index("ix_deliveries_counts", "destination", "source", "state"),
+        Index("ix_deliveries_created", "created_at"),
+        Index("ix_deliveries_finished", "finished_at", "state"),
     )
 
     id: int | None = Field(
@@ -66,6 +82,8 @@ class Delivery(SQLModel, table=True):
     )
     event_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     destination: str = Field(max_length=64)
+    #: The event's source, copied so per-source counts need no join.
+    source: str = Field(default="", max_length=64)
     #: Deliveries sharing (destination, ordering_key) go out strictly in id order.
     ordering_key: str = Field(max_length=200)
     state: str = Field(default=DeliveryState.PENDING, max_length=16)
@@ -82,6 +100,8 @@ class Delivery(SQLModel, table=True):
     created_at: float
     updated_at: float
     finished_at: float | None = None
+    #: Set when this delivery was folded into a later one (state ``coalesced``).
+    coalesced_into: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class Attempt(SQLModel, table=True):
@@ -188,6 +208,44 @@ class DestinationStatus(SQLModel, table=True):
     updated_at: float
 
 
+class AuditEntry(SQLModel, table=True):
+    """Who did what from the monitor or the CLI: resends, re-ingests, refused attempts."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_at", "at"),)
+
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
+    at: float
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64)
+    #: ``ok``, ``denied`` or ``error``.
+    outcome: str = Field(max_length=16)
+    count: int | None = None
+    #: JSON: the filter, the ids, the reason.
+    detail: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class ResendJob(SQLModel, table=True):
+    """A resend by filter, run in the background so the page can show its progress."""
+
+    __tablename__ = "resend_jobs"
+
+    id: int | None = Field(
+        default=None, sa_column=Column(_ID, primary_key=True, autoincrement=True)
+    )
+    created_at: float
+    actor: str = Field(max_length=128)
+    filter: str = Field(sa_column=Column(Text, nullable=False))
+    #: ``running``, ``done`` or ``failed``.
+    state: str = Field(max_length=16)
+    total: int
+    done: int
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    finished_at: float | None = None
+
+
 class Meta(SQLModel, table=True):
     __tablename__ = "meta"
 
@@ -204,3 +262,5 @@ quarantine = Quarantined.__table__  # type: ignore[attr-defined]
 poll_state = PollState.__table__  # type: ignore[attr-defined]
 credentials = Credential.__table__  # type: ignore[attr-defined]
 destination_status = DestinationStatus.__table__  # type: ignore[attr-defined]
+audit = AuditEntry.__table__  # type: ignore[attr-defined]
+resend_jobs = ResendJob.__table__  # type: ignore[attr-defined]

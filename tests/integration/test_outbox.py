@@ -160,6 +160,7 @@ def test_terminal_states_and_counts(store: Store) -> None:
         "delivered": 1,
         "failed": 1,
         "expired": 1,
+        "coalesced": 0,
     }
     assert (
         row.last_error == "HTTP 400: bad"
