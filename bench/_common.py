@@ -169,6 +169,10 @@ def receiver_reset(url: str) -> None:
 # --- syncd ---------------------------------------------------------------------
 
 
+#: The monitor API needs a login; the benchmarks read /api/v1/stats with this token.
+API_TOKEN = "bench-api-token-0123456789"
+
+
 def syncd_config(
     *,
     port: int,
@@ -205,6 +209,9 @@ def syncd_config(
         f"[sources.{SOURCE}]\n"
         'kind = "generic"\n'
         'secret = "${SYNCD_BENCH_SECRET}"\n\n'
+        "[[monitor.tokens]]\n"
+        'name = "bench"\n'
+        f'token = "{API_TOKEN}"\n\n'
         f"{dest}"
     )
 
@@ -300,7 +307,9 @@ def db_count(db_path: Path, sql: str) -> int:
 
 
 def syncd_totals(base_url: str, client: httpx.Client) -> dict[str, int]:
-    data = client.get(base_url + "/api/v1/stats").json()
+    data = client.get(
+        base_url + "/api/v1/stats", headers={"Authorization": f"Bearer {API_TOKEN}"}
+    ).json()
     return {str(k): int(v) for k, v in data["totals"].items()}
 
 

@@ -19,6 +19,7 @@ from syncd.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from syncd.intake.service import Intake
+    from syncd.monitor.queries import EventFilter
     from syncd.store import Store
 
 T = TypeVar("T")
@@ -327,43 +328,217 @@ def quarantine_reingest(
     raise typer.Exit(asyncio.run(_with_intake(cfg, _run)))
 
 
+def _filter_from_options(
+    state: list[str],
+    destination: str | None,
+    source: str | None,
+    ticket: str | None,
+    client: str | None,
+    error: str | None,
+    since: str | None,
+    until: str | None,
+    event: int | None = None,
+) -> EventFilter:
+    from syncd.monitor.queries import EventFilter
+
+    try:
+        return EventFilter.from_query(
+            {
+                "state": state,
+                "destination": destination,
+                "source": source,
+                "ticket": ticket,
+                "client": client,
+                "error": error,
+                "since": since,
+                "until": until,
+                "event_id": str(event) if event is not None else None,
+            }
+        )
+    except ValueError as exc:
+        typer.echo(f"syncd: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+StateOption = typer.Option(
+    [], "--state", help="delivered, pending, retrying, failed, missing, coalesced (repeatable)."
+)
+DestinationOption = typer.Option(None, "--destination", help="Only this destination.")
+SourceOption = typer.Option(None, "--source", help="Only this source.")
+TicketOption = typer.Option(None, "--ticket", help="Only this ticket id.")
+ClientOption = typer.Option(None, "--client", help="The client's e-mail or phone.")
+ErrorOption = typer.Option(None, "--error", help="Text within the last error.")
+SinceOption = typer.Option(None, "--since", help="Received at or after (ISO time, UTC).")
+UntilOption = typer.Option(None, "--until", help="Received before (ISO time, UTC).")
+
+
 @app.command()
 def resend(
     config: Path = ConfigOption,
     event: list[int] = typer.Option([], "--event", help="Resend this event's deliveries."),
-    state: list[str] = typer.Option([], "--state", help="failed, expired, delivered (repeatable)."),
-    destination: str | None = typer.Option(None, help="Only deliveries to this destination."),
+    state: list[str] = StateOption,
+    destination: str | None = DestinationOption,
+    source: str | None = SourceOption,
+    ticket: str | None = TicketOption,
+    client: str | None = ClientOption,
+    error: str | None = ErrorOption,
+    since: str | None = SinceOption,
+    until: str | None = UntilOption,
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
 ) -> None:
     """Queue finished deliveries again with a fresh retry window (works with the daemon down).
 
-    The mapping runs again with the current config when they are sent, and the links
-    table makes a resent delivered event update its CRM records rather than duplicate them.
+    Takes the events list's filters: `--state missing --destination bitrix24 --since
+    2026-11-24T18:00` resends what was lost in Bitrix24 since 18:00 UTC. Mapping runs
+    again with the current config when they are sent, and the links table makes a
+    resent delivered event update its CRM records rather than duplicate them. Every
+    resend is written to the audit log.
     """
-    from syncd.retry import outbox
+    import getpass
+    from dataclasses import replace
 
-    if not event and not state:
-        typer.echo("syncd: say what to resend: --event ID and/or --state STATE", err=True)
+    from syncd.monitor import queries
+    from syncd.monitor.actions import resend_by_filter_sync
+
+    flt = _filter_from_options(state, destination, source, ticket, client, error, since, until)
+    if flt.is_empty() and not event:
+        typer.echo(
+            "syncd: say what to resend: --event ID and/or a filter such as --state", err=True
+        )
         raise typer.Exit(2)
+    if not flt.states:
+        flt = replace(flt, states=("delivered", "failed", "expired", "coalesced"))
+    cfg = _load_or_exit(config)
+    store = _open_store(cfg)
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        filters = [replace(flt, event_id=e) for e in event] or [flt]
+        with store.read_engine.connect() as conn:
+            total = sum(queries.count_deliveries(conn, f) for f in filters)
+        if not total:
+            typer.echo("nothing matches")
+            return
+        if not yes and not typer.confirm(f"Resend {total} deliveries?"):
+            raise typer.Exit(1)
+        count = sum(resend_by_filter_sync(store, f, actor=actor) for f in filters)
+    finally:
+        store.close()
+    typer.echo(f"queued {count} deliveries again")
+
+
+events_app = typer.Typer(help="Look at events and their deliveries.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("list")
+def events_list(
+    config: Path = ConfigOption,
+    state: list[str] = StateOption,
+    destination: str | None = DestinationOption,
+    source: str | None = SourceOption,
+    ticket: str | None = TicketOption,
+    client: str | None = ClientOption,
+    error: str | None = ErrorOption,
+    since: str | None = SinceOption,
+    until: str | None = UntilOption,
+    limit: int = typer.Option(50, min=1, max=500),
+    before: int | None = typer.Option(None, help="Continue after this cursor (older rows)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List events newest first, one line per event and destination (same filters as the UI)."""
+    from syncd.monitor import queries
+
+    flt = _filter_from_options(state, destination, source, ticket, client, error, since, until)
     cfg = _load_or_exit(config)
     store = _open_store(cfg)
     try:
         with store.read_engine.connect() as conn:
-            ids = outbox.select_deliveries(
-                conn,
-                states=state or ("failed", "expired", "delivered"),
-                destination=destination,
-                event_ids=event,
-            )
-        if not ids:
-            typer.echo("nothing matches")
-            return
-        if not yes and not typer.confirm(f"Resend {len(ids)} deliveries?"):
-            raise typer.Exit(1)
-        count = store.write_sync(lambda c: outbox.resend(c, ids, time.time()))
+            page = queries.list_deliveries(conn, flt, before=before, limit=limit)
     finally:
         store.close()
-    typer.echo(f"queued {count} deliveries again")
+    for row in page.rows:
+        if as_json:
+            typer.echo(json.dumps(row.as_json(), ensure_ascii=False))
+            continue
+        when = queries.iso(row.received_at)
+        who = row.client_email or row.client_phone or ""
+        err = f"  {row.last_error[:80]}" if row.last_error else ""
+        typer.echo(
+            f"{row.event_id:>8} {when} {row.source}:{row.ticket_id:<10} {row.kind:<16} "
+            f"{row.destination:<12} {row.state:<10} {row.attempts:>2} {who}{err}"
+        )
+    if not page.rows:
+        typer.echo("no events match", err=True)
+    elif page.next_cursor is not None and not as_json:
+        typer.echo(f"more: --before {page.next_cursor}", err=True)
+
+
+@app.command()
+def status(
+    config: Path = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """What a manager asks first: delivered, pending, failed, missing, per destination."""
+    from syncd.intake import quarantine
+    from syncd.monitor import queries
+    from syncd.retry import outbox
+
+    cfg = _load_or_exit(config)
+    store = _open_store(cfg)
+    try:
+        with store.read_engine.connect() as conn:
+            ov = queries.overview(conn)
+            held = quarantine.count_by_source(conn)
+            problems = outbox.destination_statuses(conn)
+    finally:
+        store.close()
+    now = time.time()
+    if as_json:
+        out = {
+            "totals": ov.totals,
+            "by_destination_and_source": [
+                {"destination": d, "source": s, "counts": c}
+                for (d, s), c in sorted(ov.counts.items())
+            ],
+            "oldest_pending_age_seconds": None
+            if ov.oldest_pending_at is None
+            else round(now - ov.oldest_pending_at, 1),
+            "lag_seconds": ov.lag_seconds,
+            "quarantined": held,
+            "destination_status": problems,
+        }
+        typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    shown = ("delivered", "pending", "in_flight", "retry_wait", "failed", "expired", "coalesced")
+    titles = ("delivered", "pending", "sending", "retrying", "failed", "missing", "coalesced")
+    typer.echo(f"{'destination':<14}{'source':<12}" + "".join(f"{t:>11}" for t in titles))
+    for (dest, src), counts in sorted(ov.counts.items()):
+        typer.echo(f"{dest:<14}{src:<12}" + "".join(f"{counts.get(s, 0):>11}" for s in shown))
+    typer.echo(f"{'total':<26}" + "".join(f"{ov.totals.get(s, 0):>11}" for s in shown))
+    oldest = "none" if ov.oldest_pending_at is None else f"{now - ov.oldest_pending_at:.0f} s"
+    lag = "n/a" if ov.lag_seconds is None else f"{ov.lag_seconds:.1f} s"
+    typer.echo(
+        f"oldest pending: {oldest}   delivery lag: {lag}   quarantined: {sum(held.values())}"
+    )
+    for dest, info in sorted(problems.items()):
+        typer.echo(f"{dest}: {info.get('problem') or 'paused'}")
+
+
+@app.command("hash-password")
+def hash_password_cmd(
+    stdin: bool = typer.Option(False, "--stdin", help="Read the password from standard input."),
+) -> None:
+    """Print a password hash for `[[monitor.users]] password_hash`."""
+    from syncd.monitor.passwords import hash_password
+
+    if stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        typer.echo("syncd: use at least 8 characters", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_password(password))
 
 
 @app.command()

@@ -59,6 +59,10 @@ class DeliveryConfig(_Strict):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     lease_recovery_interval_seconds: float = Field(default=15.0, gt=0)
     retention_days: float = Field(default=30.0, gt=0)
+    #: Send waiting events of one ticket as one delivery (latest state, every note).
+    coalesce: bool = True
+    #: Most events one such delivery carries, the first included.
+    coalesce_max: int = Field(default=20, ge=1, le=200)
 
     @model_validator(mode="after")
     def _lease_outlives_request(self) -> DeliveryConfig:
@@ -83,6 +87,58 @@ class IntakeConfig(_Strict):
 
     #: Country assumed for phone numbers written without one ("8 999 ..." in Russia).
     default_country: str = Field(default="RU", min_length=2, max_length=2)
+
+
+class MonitorUser(_Strict):
+    """A person who logs in to the monitor. ``syncd hash-password`` makes the hash."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "admin"] = "viewer"
+    password_hash: str
+
+    @model_validator(mode="after")
+    def _hash_not_password(self) -> MonitorUser:
+        from syncd.monitor.passwords import is_password_hash
+
+        if not is_password_hash(self.password_hash):
+            # Never echo the value: it may be a password pasted by mistake.
+            raise ValueError(
+                "password_hash is not a hash made by `syncd hash-password` "
+                "(passwords are never stored in the config in clear)"
+            )
+        return self
+
+
+class MonitorToken(_Strict):
+    """An API token (``Authorization: Bearer ...``) for scripts and dashboards."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["viewer", "admin"] = "viewer"
+    token: SecretStr = Field(min_length=16)
+
+
+class MonitorConfig(_Strict):
+    """The web UI and JSON API: who may log in, in which language."""
+
+    #: "auto" follows the browser's Accept-Language; "en" or "ru" fixes it.
+    language: Literal["auto", "en", "ru"] = "auto"
+    #: Signs session cookies. Unset: a random key per start (all log in again after a restart).
+    session_secret: SecretStr | None = Field(default=None, min_length=16)
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    #: Send cookies only over HTTPS (set when syncd sits behind TLS).
+    secure_cookies: bool = False
+    #: /metrics without a login, for a Prometheus scraper on a private network.
+    public_metrics: bool = True
+    users: list[MonitorUser] = Field(default_factory=list)
+    tokens: list[MonitorToken] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> MonitorConfig:
+        names = [u.name for u in self.users] + [t.name for t in self.tokens]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"user and token names must be unique; repeated: {', '.join(dupes)}")
+        return self
 
 
 class SourceConfig(BaseModel):
@@ -128,6 +184,7 @@ class Config(_Strict):
     delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
     intake: IntakeConfig = IntakeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     mapping: MappingConfig = MappingConfig()
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
@@ -150,6 +207,9 @@ class Config(_Strict):
             found.extend(_secrets_in(src.settings()))
         for dest in self.destinations.values():
             found.extend(_secrets_in(dest.settings()))
+        found.extend(t.token.get_secret_value() for t in self.monitor.tokens)
+        if self.monitor.session_secret is not None:
+            found.append(self.monitor.session_secret.get_secret_value())
         return [s for s in found if s]
 
 

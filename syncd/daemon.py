@@ -8,23 +8,28 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import structlog
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from syncd import logs
 from syncd.config import Config, resolve_store_url
 from syncd.connectors import registry
 from syncd.connectors.base import Connector
+from syncd.connectors.throttle import TokenBucket
 from syncd.connectors.transport import AiohttpTransport
 from syncd.intake import registry as source_registry
 from syncd.intake.reconcile import PollRunner
 from syncd.intake.routes import intake_router
 from syncd.intake.service import Intake
-from syncd.monitor.api import monitor_router
+from syncd.monitor.actions import interrupt_stale_jobs
+from syncd.monitor.app import Monitor, build_monitor, install
+from syncd.monitor.metrics import CONTENT_TYPE, IntakeCounter, Metrics
 from syncd.retry import outbox
 from syncd.retry.dispatcher import Dispatcher
 from syncd.retry.policy import RetryPolicy
@@ -76,15 +81,54 @@ def build_poll_runners(intake: Intake) -> list[PollRunner]:
     return runners
 
 
-def build_app(store: Store, config: Config, intake: Intake) -> FastAPI:
+class DaemonRuntime:
+    """Breaker and throttle state, which live in the dispatcher and connectors, for the monitor."""
+
+    def __init__(self, dispatcher: Dispatcher, connectors: dict[str, Connector]) -> None:
+        self._dispatcher = dispatcher
+        self._connectors = connectors
+
+    def destinations(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, connector in self._connectors.items():
+            info: dict[str, Any] = {"paused_until": self._dispatcher.breaker.paused_until(name)}
+            bucket = getattr(getattr(connector, "inner", connector), "throttle", None)
+            if isinstance(bucket, TokenBucket):
+                info["throttle_rate"] = bucket.rate
+                info["throttle_available"] = round(bucket.available, 2)
+            out[name] = info
+        return out
+
+
+def build_app(
+    store: Store,
+    config: Config,
+    intake: Intake,
+    *,
+    monitor: Monitor | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="syncd",
         version="0.1.0",
+        description="Helpdesk to CRM sync: intake webhooks, monitoring and resend API.",
         docs_url="/api/docs",
         openapi_url="/api/v1/openapi.json",
     )
     app.include_router(intake_router(intake, max_body_bytes=config.server.max_body_bytes))
-    app.include_router(monitor_router(store, config))
+    monitor = monitor or build_monitor(store, config, intake=intake)
+    metrics = metrics or Metrics()
+    install(app, monitor)
+    app.add_middleware(IntakeCounter, counter=metrics.intake_requests, sources=config.sources)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=True)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus exposition: deliveries by state, backlog, latency, breaker, intake."""
+        if not config.monitor.public_metrics:
+            monitor.auth.require(request)
+        body = await metrics.render(store, monitor.runtime.destinations())
+        return Response(body, media_type=CONTENT_TYPE)
+
     return app
 
 
@@ -122,8 +166,13 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     if reclaimed:
         log.warning("leases_reclaimed", count=reclaimed, reason="previous run stopped mid-delivery")
 
+    interrupted = await store.writer.run(interrupt_stale_jobs)
+    if interrupted:
+        log.warning("resend_jobs_interrupted", count=interrupted, note="run them again")
+
     d = config.delivery
-    connectors = build_connectors(config, store)
+    metrics = Metrics()
+    connectors = metrics.meter(build_connectors(config, store))
     dispatcher = Dispatcher(
         store,
         connectors,
@@ -136,7 +185,14 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         mappings={name: config.mapping_for(name) for name in config.destinations},
     )
     intake = build_intake(store, config, dispatcher)
-    app = build_app(store, config, intake)
+    monitor = build_monitor(
+        store,
+        config,
+        runtime=DaemonRuntime(dispatcher, connectors),
+        intake=intake,
+        wake=dispatcher.wake,
+    )
+    app = build_app(store, config, intake, monitor=monitor, metrics=metrics)
     server = _Server(
         uvicorn.Config(
             app,
@@ -193,6 +249,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         exit_code = 1
 
     log.info("syncd_stopping", grace_seconds=d.shutdown_grace_seconds)
+    await monitor.jobs.stop()
     cut = await dispatcher.stop(d.shutdown_grace_seconds)
     if cut:
         log.warning(

@@ -28,6 +28,10 @@ from syncd.emulators.amocrm import create_amocrm_emulator
 from syncd.emulators.bitrix24 import create_bitrix24_emulator
 from syncd.emulators.serving import ServerThread, free_port
 from syncd.emulators.usedesk_api import create_usedesk_api, encode_webhook
+from syncd.monitor.passwords import hash_password
+
+#: Well-known demo passwords, printed by the demo and listed in the README: not secrets.
+DEMO_LOGINS = {"admin": "demo-admin", "manager": "demo-manager"}
 
 _CONFIG = """\
 # Written by `syncd demo`. Secrets come from the environment, never from this file.
@@ -48,6 +52,23 @@ lease_seconds = 30
 [logging]
 level = "info"
 format = "console"
+
+[monitor]
+session_secret = "${{SYNCD_DEMO_SESSION_SECRET}}"
+# The demo's own logins (documented in the README; a real install makes its own
+# hashes with `syncd hash-password`).
+[[monitor.users]]
+name = "admin"
+role = "admin"
+password_hash = "{admin_hash}"
+[[monitor.users]]
+name = "manager"
+role = "viewer"
+password_hash = "{manager_hash}"
+[[monitor.tokens]]
+name = "demo"
+role = "viewer"
+token = "${{SYNCD_DEMO_API_TOKEN}}"
 
 [sources.usedesk]
 kind = "usedesk"
@@ -152,9 +173,19 @@ class _Demo:
         os.environ["SYNCD_DEMO_USEDESK_SECRET"] = usedesk_secret
         os.environ["SYNCD_DEMO_B24_WEBHOOK"] = b24_url + self.b24.webhook_path()
         os.environ["SYNCD_DEMO_AMO_TOKEN"] = amo_token
+        os.environ["SYNCD_DEMO_SESSION_SECRET"] = secrets.token_urlsafe(32)
+        self.api_token = secrets.token_urlsafe(24)
+        os.environ["SYNCD_DEMO_API_TOKEN"] = self.api_token
         self.config_path = workdir / "syncd.toml"
         self.config_path.write_text(
-            _CONFIG.format(port=port, usedesk_url=ud_url, amo_url=amo_url, b24_rate=b24_rate),
+            _CONFIG.format(
+                port=port,
+                usedesk_url=ud_url,
+                amo_url=amo_url,
+                b24_rate=b24_rate,
+                admin_hash=hash_password(DEMO_LOGINS["admin"]),
+                manager_hash=hash_password(DEMO_LOGINS["manager"]),
+            ),
             encoding="utf-8",
         )
 
@@ -194,11 +225,15 @@ async def run_demo(directory: Path | None, *, port: int, tickets: int, exit_when
     base = f"http://127.0.0.1:{port}"
     ok = False
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=base, timeout=10, headers={"Authorization": f"Bearer {demo.api_token}"}
+        ) as client:
             await _wait_until_up(client, daemon)
             _say(
                 f"files in {workdir}",
-                f"  syncd       {base}  (stats: {base}/api/v1/stats, API: {base}/api/docs)",
+                f"  monitor     {base}/  (log in as admin / {DEMO_LOGINS['admin']}"
+                f" or manager / {DEMO_LOGINS['manager']})",
+                f"  API         {base}/api/docs",
                 f"  Usedesk     {demo.urls['usedesk']}",
                 f"  Bitrix24    {demo.urls['bitrix24']}/_bitrix24/state",
                 f"  amoCRM      {demo.urls['amocrm']}",

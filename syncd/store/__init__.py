@@ -103,6 +103,11 @@ class Store:
         except OperationalError as exc:
             raise StoreError(f"cannot open the store at {self.safe_url}: {exc.orig}") from None
 
+    @staticmethod
+    def revision_of(conn: Connection) -> str | None:
+        """The schema version on an open connection (``/readyz`` asks on every probe)."""
+        return MigrationContext.configure(conn).get_current_revision()
+
     def check_schema(self) -> None:
         current = self.current_revision()
         if current != head_revision():

@@ -46,6 +46,7 @@ class Event(SQLModel, table=True):
         Index("ix_events_client_email", "client_email"),
         Index("ix_events_client_phone", "client_phone"),
         Index("ix_events_received", "received_at"),
+        Index("ix_events_ticket", "ticket_id"),
     )
 
     id: int | None = Field(

@@ -18,6 +18,7 @@ from syncd.emulators.serving import free_port
 
 HOOK_SECRET = "e2e-hook-secret-7f3a9c"
 CRM_TOKEN = "e2e-crm-token-5d21b8e4"
+API_TOKEN = "e2e-api-token-9c0d7e1f2a"
 
 CONFIG = """
 [server]
@@ -42,6 +43,11 @@ lease_recovery_interval_seconds = 1
 [logging]
 level = "debug"
 format = "json"
+
+[[monitor.tokens]]
+name = "e2e"
+role = "admin"
+token = "${{E2E_API_TOKEN}}"
 
 [sources.helpdesk]
 secret = "${{E2E_HOOK_SECRET}}"
@@ -102,7 +108,12 @@ class Daemon:
         self.starts = 0
 
     def start(self) -> Daemon:
-        env = {**os.environ, "E2E_HOOK_SECRET": HOOK_SECRET, "E2E_CRM_TOKEN": CRM_TOKEN}
+        env = {
+            **os.environ,
+            "E2E_HOOK_SECRET": HOOK_SECRET,
+            "E2E_CRM_TOKEN": CRM_TOKEN,
+            "E2E_API_TOKEN": API_TOKEN,
+        }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncd.cli", "run", "-c", str(self.config)],
@@ -153,7 +164,9 @@ class Daemon:
         )
 
     def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/api/v1/stats", timeout=10).json()
+        data: dict[str, Any] = httpx.get(
+            f"{self.url}/api/v1/stats", timeout=10, headers={"Authorization": f"Bearer {API_TOKEN}"}
+        ).json()
         return data
 
     def wait_for(

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from syncd.config import Config, parse_config
+from pydantic import SecretStr
+
+from syncd.config import Config, MonitorToken, parse_config
 from syncd.daemon import build_app, build_intake
 from syncd.intake.service import Intake
 from syncd.store import Store
@@ -18,11 +20,29 @@ from syncd.store import Store
 class App:
     """A config, the store it uses, and a client talking to the HTTP app."""
 
+    #: An admin API token added to configs that bring none, for calls to /api/v1.
+    TOKEN = "integration-api-token-0123"
+
     def __init__(self, config: Config, store: Store) -> None:
+        if not config.monitor.tokens:
+            monitor = config.monitor.model_copy(
+                update={
+                    "tokens": [
+                        MonitorToken(name="tests", role="admin", token=SecretStr(self.TOKEN))
+                    ]
+                }
+            )
+            config = config.model_copy(update={"monitor": monitor})
+        self.api_headers = {
+            "Authorization": f"Bearer {config.monitor.tokens[0].token.get_secret_value()}"
+        }
         self.config = config
         self.store = store
         self.intake: Intake = build_intake(store, config, None)
-        self.client = TestClient(build_app(store, config, self.intake))
+        self.http_app = build_app(store, config, self.intake)
+        self.client = TestClient(self.http_app)
+        #: The same app, calling as the admin token (for /api/v1).
+        self.api = TestClient(self.http_app, headers=self.api_headers)
 
     def rows(self, table: Any) -> list[Any]:
         with self.store.read_engine.connect() as conn:

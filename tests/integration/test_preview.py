@@ -58,7 +58,7 @@ PAYLOAD = {
 
 def test_api_preview_explains_the_rule(make_app: Callable[..., App]) -> None:
     app = make_app(CONFIG)
-    r = app.client.post("/api/v1/preview?source=hd&client=new", content=json.dumps(PAYLOAD))
+    r = app.api.post("/api/v1/preview?source=hd&client=new", content=json.dumps(PAYLOAD))
     assert r.status_code == 200
     [entry] = r.json()["plans"]
     assert entry["rule"] == "new email clients to sales" and entry["matched"]
@@ -68,25 +68,25 @@ def test_api_preview_explains_the_rule(make_app: Callable[..., App]) -> None:
     assert ops["UpsertContact"]["emails"] == ["ivan@example.ru"]
     assert ops["AddNote"]["text"] == "Client: First message"
     # the same ticket from a known client goes to support
-    known = app.client.post(
+    known = app.api.post(
         "/api/v1/preview?source=hd&client=existing", content=json.dumps(PAYLOAD)
     ).json()
     assert known["plans"][0]["rule"] == "known email clients to support"
     # nothing was stored
-    assert app.client.get("/api/v1/stats").json()["totals"] == {}
+    assert app.api.get("/api/v1/stats").json()["totals"] == {}
 
 
 def test_api_preview_reports_unmatched_and_bad_input(make_app: Callable[..., App]) -> None:
     app = make_app(CONFIG)
-    phone = app.client.post(
+    phone = app.api.post(
         "/api/v1/preview?source=hd", content=json.dumps({**PAYLOAD, "channel": "phone"})
     ).json()
     [entry] = phone["plans"]
     assert not entry["matched"] and entry["operations"] == []
     assert any("did not match: channel: 'phone' in ['chat']" in r for r in entry["reasons"])
-    bad = app.client.post("/api/v1/preview?source=hd", content=b"{nope").json()
+    bad = app.api.post("/api/v1/preview?source=hd", content=b"{nope").json()
     assert "cannot be read" in bad["error"]
-    assert app.client.post("/api/v1/preview?source=nosuch", content=b"{}").status_code == 404
+    assert app.api.post("/api/v1/preview?source=nosuch", content=b"{}").status_code == 404
 
 
 def test_cli_preview(tmp_path: Path) -> None:

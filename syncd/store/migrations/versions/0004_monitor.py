@@ -70,6 +70,7 @@ def upgrade() -> None:
     op.create_index("ix_events_client_email", "events", ["client_email"])
     op.create_index("ix_events_client_phone", "events", ["client_phone"])
     op.create_index("ix_events_received", "events", ["received_at"])
+    op.create_index("ix_events_ticket", "events", ["ticket_id"])
 
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("source", sa.String(64), nullable=False, server_default=""))
@@ -117,6 +118,7 @@ def downgrade() -> None:
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_column("coalesced_into")
         batch.drop_column("source")
+    op.drop_index("ix_events_ticket", "events")
     op.drop_index("ix_events_received", "events")
     op.drop_index("ix_events_client_phone", "events")
     op.drop_index("ix_events_client_email", "events")
