@@ -157,3 +157,38 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         "new clients go to sales",
         "everything else is support",
     ]
+
+
+def test_monitor_users_need_a_hash_not_a_password() -> None:
+    found = problems(
+        GOOD
+        + """
+[[monitor.users]]
+name = "anna"
+role = "admin"
+password_hash = "hunter2-in-clear"
+
+[[monitor.users]]
+name = "max"
+role = "boss"
+password_hash = "scrypt$16384$8$1$00$00"
+
+[[monitor.tokens]]
+name = "anna"
+token = "short"
+"""
+    )
+    text = "\n".join(found)
+    assert "monitor.users.0: " in text and "syncd hash-password" in text
+    assert "hunter2-in-clear" not in text  # a pasted password is never echoed
+    assert "monitor.users.1.role" in text
+    assert "monitor.tokens.0.token" in text
+
+
+def test_monitor_token_is_redacted_from_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_TOKEN", "api-token-value-0123456789")
+    config = parse_config(
+        GOOD + '\n[[monitor.tokens]]\nname = "bot"\ntoken = "${API_TOKEN}"\n', "syncd.toml"
+    )
+    assert "api-token-value-0123456789" in config.secret_values()
+    assert "api-token-value-0123456789" not in repr(config)
