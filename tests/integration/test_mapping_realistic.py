@@ -10,9 +10,12 @@ import pytest
 from syncd.config import load_config
 from syncd.emulators.usedesk_api import create_usedesk_api
 from syncd.emulators.zendesk_api import create_zendesk_api
+from syncd.monitor.passwords import hash_password
 from syncd.preview import preview
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "syncd.example.toml"
+
+EXAMPLE_HASH = hash_password("example-password")
 
 
 @pytest.fixture
@@ -25,6 +28,10 @@ def config(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
         "ZENDESK_API_TOKEN",
     ):
         monkeypatch.setenv(name, "x" * 16)
+    for name in ("SYNCD_ANNA_PASSWORD_HASH", "SYNCD_MAX_PASSWORD_HASH"):
+        monkeypatch.setenv(name, EXAMPLE_HASH)
+    monkeypatch.setenv("SYNCD_SESSION_SECRET", "s" * 32)
+    monkeypatch.setenv("SYNCD_GRAFANA_TOKEN", "t" * 24)
     return load_config(EXAMPLE)
 
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from syncd.cli import app
 from syncd.config import load_config, parse_config, resolve_store_url
 from syncd.errors import ConfigError
+from syncd.monitor.passwords import hash_password
 
 GOOD = """
 [store]
@@ -23,6 +24,8 @@ kind = "rest"
 base_url = "http://127.0.0.1:9/"
 headers = { Authorization = "Bearer ${CRM_TOKEN}" }
 """
+
+EXAMPLE_HASH = hash_password("example-password")
 
 
 @pytest.fixture(autouse=True)
@@ -150,6 +153,10 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         "ZENDESK_API_TOKEN",
     ):
         monkeypatch.setenv(name, "x" * 16)
+    for name in ("SYNCD_ANNA_PASSWORD_HASH", "SYNCD_MAX_PASSWORD_HASH"):
+        monkeypatch.setenv(name, EXAMPLE_HASH)
+    monkeypatch.setenv("SYNCD_SESSION_SECRET", "s" * 32)
+    monkeypatch.setenv("SYNCD_GRAFANA_TOKEN", "t" * 24)
     cfg = load_config(example)
     assert set(cfg.sources) == {"helpdesk", "usedesk", "zendesk"} and cfg.destinations
     assert [r.name for r in cfg.mapping.rules] == [
