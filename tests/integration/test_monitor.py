@@ -599,3 +599,65 @@ def test_no_secret_reaches_a_page_or_the_api(env: Env, filled: dict[str, int]) -
     bodies.append(env.client(ADMIN).get("/api/v1/tickets/hd/100").text)
     for secret in ("hook-secret-value", ADMIN_TOKEN, VIEWER_TOKEN, _HASHES["admin"]):
         assert all(secret not in body for body in bodies)
+
+
+def test_admin_reingests_a_quarantined_webhook_after_a_config_fix(env: Env, store: Store) -> None:
+    body = b'{"ticket": {"number": 501}, "subject": "Broken order"}'
+    r = env.client().post(
+        "/hooks/hd", content=body, headers={"X-Syncd-Secret": "hook-secret-value"}
+    )
+    assert r.status_code == 422
+    item = r.json()["quarantine_id"]
+    listed = env.client(VIEWER).get("/api/v1/quarantine").json()["items"]
+    assert [i["id"] for i in listed] == [item] and "ticket_id" in listed[0]["reason"]
+    assert env.client(VIEWER).get(f"/api/v1/quarantine/{item}").json()["body"] == body.decode()
+    # with the same config it is still unreadable, and that is audited too
+    r = env.client(ADMIN).post(f"/api/v1/quarantine/{item}/reingest")
+    assert "still unreadable" in r.json()["result"]
+    # the admin fixes the field path and restarts: the held body becomes an event
+    fixed = CONFIG.replace(
+        'secret = "hook-secret-value"\n',
+        'secret = "hook-secret-value"\nfields.ticket_id = "ticket.number"\n',
+        1,
+    )
+    config = parse_config(fixed, "test.toml")
+    intake = build_intake(store, config, None)
+    app = build_app(store, config, intake, monitor=build_monitor(store, config, intake=intake))
+    r = TestClient(app, headers=ADMIN).post(f"/api/v1/quarantine/{item}/reingest")
+    assert "stored as event(s)" in r.json()["result"]
+    assert env.client(VIEWER).get("/api/v1/events?ticket=501").json()["items"]
+    outcomes = [(a.action, a.outcome) for a in env.audit_rows()]
+    assert outcomes == [("reingest", "error"), ("reingest", "ok")]
+    # a viewer may look but not re-ingest
+    assert env.client(VIEWER).post(f"/api/v1/quarantine/{item}/reingest").status_code == 403
+
+
+def test_openapi_describes_the_monitor_api(env: Env) -> None:
+    spec = env.client(VIEWER).get("/api/v1/openapi.json").json()
+    for path in (
+        "/api/v1/stats",
+        "/api/v1/overview",
+        "/api/v1/events",
+        "/api/v1/events/{event_id}",
+        "/api/v1/tickets/{source}/{ticket_id}",
+        "/api/v1/resend",
+        "/api/v1/events/{event_id}/resend",
+        "/api/v1/resend/jobs/{job_id}",
+        "/api/v1/quarantine",
+        "/api/v1/quarantine/{item_id}/reingest",
+        "/api/v1/audit",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    names = {p["name"] for p in spec["paths"]["/api/v1/events"]["get"]["parameters"]}
+    assert {
+        "state",
+        "destination",
+        "source",
+        "ticket",
+        "client",
+        "error",
+        "since",
+        "until",
+    } <= names
