@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,23 +56,81 @@ class Forbidden(Exception):
         self.action = action
 
 
+class TooManyAttempts(Exception):
+    """Too many wrong passwords for one name: wait before trying again."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; try again in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
 class CsrfError(Exception):
     """A form or cookie-authenticated API call without the session's CSRF token."""
 
 
+class LoginThrottle:
+    """Slows password guessing: after ``limit`` failures for one name within ``window``
+    seconds, that name may not try again until the window has passed.
+
+    Kept in memory on purpose: a restart forgets it, but each replica still caps the
+    guesses it takes, and no store write is made for an anonymous request.
+    """
+
+    def __init__(
+        self, limit: int = 5, window: float = 300.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._failures: dict[str, list[float]] = {}
+
+    def _recent(self, name: str) -> list[float]:
+        cutoff = self._clock() - self.window
+        recent = [t for t in self._failures.get(name, []) if t > cutoff]
+        if recent:
+            self._failures[name] = recent
+        else:
+            self._failures.pop(name, None)
+        return recent
+
+    def retry_after(self, name: str) -> float:
+        """Seconds until ``name`` may try again (0: now)."""
+        recent = self._recent(name)
+        if len(recent) < self.limit:
+            return 0.0
+        return max(0.0, recent[0] + self.window - self._clock())
+
+    def failed(self, name: str) -> None:
+        if len(self._failures) > 10_000:  # a flood of made-up names must not grow memory
+            self._failures.clear()
+        self._failures.setdefault(name, []).append(self._clock())
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
+
+
 class Auth:
     def __init__(self, config: MonitorConfig) -> None:
+        self.throttle = LoginThrottle()
         self._users = {u.name: u for u in config.users}
         self._tokens = [(t.token.get_secret_value().encode(), t) for t in config.tokens]
         self.session_seconds = int(config.session_hours * 3600)
         self.has_users = bool(self._users)
 
     def login(self, name: str, password: str) -> Principal | None:
+        """The principal, or None; raises :class:`TooManyAttempts` while a name is locked."""
+        name = name[:64]
+        wait = self.throttle.retry_after(name)
+        if wait > 0:
+            log.warning("login_throttled", user=name, retry_after=round(wait))
+            raise TooManyAttempts(wait)
         user = self._users.get(name)
         ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
         if user is None or not ok:
-            log.warning("login_failed", user=name[:64])
+            self.throttle.failed(name)
+            log.warning("login_failed", user=name)
             return None
+        self.throttle.succeeded(name)
         log.info("login", user=name)
         return Principal(user.name, user.role, "session")
 

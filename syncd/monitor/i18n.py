@@ -134,6 +134,9 @@ RU: dict[str, str] = {
     "Language": "Язык",
     "Bad request": "Неверный запрос",
     "Next page": "Следующая страница",
+    "Too many failed logins. Try again in": (
+        "Слишком много неудачных попыток входа. Повторите через"
+    ),
 }
 
 _TABLES = {"ru": RU}

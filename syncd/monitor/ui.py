@@ -21,7 +21,7 @@ from syncd.intake.reconcile import poll_states
 from syncd.monitor import queries
 from syncd.monitor.actions import resend_deliveries
 from syncd.monitor.app import HERE, Monitor, age_text
-from syncd.monitor.auth import Forbidden, Principal
+from syncd.monitor.auth import Forbidden, Principal, TooManyAttempts
 from syncd.monitor.i18n import pick_language, translator
 from syncd.monitor.plans import keys_for_trace, plan_of
 from syncd.retry import outbox
@@ -37,6 +37,17 @@ STATE_LABELS = {
     "failed": "Failed",
     "expired": "Missing",
     "coalesced": "Coalesced",
+}
+#: Everything the pages need is served by syncd itself: forbid the rest, and framing.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'none'; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
 }
 #: States from which an admin may send again (in the air ones are left to the dispatcher).
 RESENDABLE = ("delivered", "failed", "expired", "coalesced")
@@ -82,7 +93,11 @@ def render(
         "sources": sorted(monitor.config.sources),
         "path": request.url.path,
     }
-    return templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
+    response = templates.TemplateResponse(
+        request, name, {**base, **context}, status_code=status_code
+    )
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 def render_error(request: Request, monitor: Monitor, status: int, message: str) -> HTMLResponse:
@@ -144,7 +159,19 @@ def ui_router(monitor: Monitor) -> APIRouter:
                 403,
                 "the form is stale or was not sent by this site: reload the page and try again",
             )
-        principal = auth.login(str(form.get("user") or ""), str(form.get("password") or ""))
+        try:
+            principal = auth.login(str(form.get("user") or ""), str(form.get("password") or ""))
+        except TooManyAttempts as exc:
+            response = render(
+                request,
+                monitor,
+                "login.html",
+                {"next": target, "failed": False, "no_users": False, "locked": exc.retry_after},
+                principal=None,
+                status_code=429,
+            )
+            response.headers["Retry-After"] = str(int(exc.retry_after) + 1)
+            return response
         if principal is None:
             return render(
                 request,

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-
 from pydantic import SecretStr
 
 from syncd.config import Config, MonitorToken, parse_config

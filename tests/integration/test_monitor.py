@@ -661,3 +661,28 @@ def test_openapi_describes_the_monitor_api(env: Env) -> None:
         "since",
         "until",
     } <= names
+
+
+def test_password_guessing_is_slowed_down(env: Env) -> None:
+    client = env.client()
+    page = client.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    form = {"user": "anna", "csrf": csrf.group(1), "next": "/"}
+    for _ in range(5):
+        assert client.post("/login", data={**form, "password": "guess"}).status_code == 401
+    # the sixth try is refused before the password is even checked: even the right one
+    r = client.post("/login", data={**form, "password": ADMIN_PW})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert client.get("/events").status_code == 303
+    # other names are not locked out by it
+    assert (
+        client.post("/login", data={**form, "user": "max", "password": VIEWER_PW}).status_code
+        == 303
+    )
+
+
+def test_pages_forbid_framing_and_foreign_scripts(env: Env) -> None:
+    page = env.client().get("/login")
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "script-src 'none'" in page.headers["Content-Security-Policy"]
