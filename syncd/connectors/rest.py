@@ -1,28 +1,56 @@
 """Generic REST target: any HTTP API that can create, update and find a record.
 
-Each operation is a request template. Strings in a template may contain
-``$name`` placeholders (``string.Template``: no attribute access, so a
-template cannot reach into Python objects); a string that is exactly
-``$name`` is replaced by the value itself, keeping its JSON type.
+Two ways to describe the API, per entity (contact, deal, note):
 
-Placeholders: ``$entity``, ``$external_key``, ``$fields`` (the whole dict),
-``$parent_id``, ``$id`` (the CRM id, for update), ``$idempotency_key``, and
-every field of the operation by name.
+* **The generic form** (the default, used for every entity without its own
+  templates): one ``create``/``update``/``lookup`` request template for all
+  entities. Strings in it may contain ``$name`` placeholders
+  (``string.Template``: no attribute access, so a template cannot reach into
+  Python objects); a string that is exactly ``$name`` is replaced by the value
+  itself, keeping its JSON type. Placeholders: ``$entity``, ``$external_key``,
+  ``$fields`` (the whole dict), ``$parent_id``, ``$id`` (the CRM id, for
+  update), ``$idempotency_key``, and every field of the operation by name.
+
+* **Per-entity templates** (``[destinations.<name>.entities.<entity>]``): the
+  entity's own path, method, query parameters and JSON body, written as Jinja2
+  templates rendered in a sandbox, and a dotted path to the new record's id in
+  the answer. A body value that is exactly one ``{{ expression }}`` keeps the
+  expression's JSON type, and is left out of the body when the expression is
+  undefined (so an update never blanks what this event does not know). The id
+  of a record made earlier in the same plan is visible to the next one:
+  ``{{ contact.crm_id }}`` in a deal's body, ``{{ deal.crm_id }}`` in a note's.
+
+Templates and id paths are checked when the config is loaded, so a typo is a
+config error naming its key, not a failed delivery.
 """
 
 from __future__ import annotations
 
+import re
 import string
+from contextvars import ContextVar
+from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from jinja2 import (
+    StrictUndefined,
+    TemplateError,
+    TemplateSyntaxError,
+    Undefined,
+    UndefinedError,
+    meta,
+)
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from syncd.connectors.base import Created, LinkRef, RecordConnector
+from syncd.connectors.base import Created, DeliveryContext, LinkRef, RecordConnector
 from syncd.connectors.http import classified, error_for_response
 from syncd.errors import Rejected
-from syncd.mapping import Upsert
+from syncd.logs import redactor
+from syncd.mapping import Plan, Upsert
 
 _DEFAULT_BODY: dict[str, Any] = {
     "entity": "$entity",
@@ -31,8 +59,44 @@ _DEFAULT_BODY: dict[str, Any] = {
     "fields": "$fields",
 }
 
+#: The entities a plan is made of (see :meth:`Plan.records`).
+ENTITIES = ("contact", "deal", "note")
+#: What a per-entity template may use.
+TEMPLATE_VARIABLES = frozenset(
+    {
+        "entity",
+        "external_key",
+        "fields",
+        "crm_id",
+        "parent_id",
+        "idempotency_key",
+        "contact",
+        "deal",
+        "parent",
+    }
+)
+_ID_PATH = re.compile(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*")
+_SINGLE_EXPRESSION = re.compile(r"\s*\{\{(?P<expr>(?:(?!\{\{|\}\}).)*)\}\}\s*", re.DOTALL)
+
+
+def _finalize(value: Any) -> Any:
+    # A missing value renders as nothing, not as the word "None".
+    return "" if value is None else value
+
+
+#: Bodies and query parameters.
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, finalize=_finalize)
+#: Paths: every value put into a path is percent-encoded ("hd:ticket:1" -> "hd%3Aticket%3A1").
+_PATH_ENV = SandboxedEnvironment(
+    undefined=StrictUndefined,
+    autoescape=False,
+    finalize=lambda value: quote(str(_finalize(value)), safe=""),
+)
+
 
 class RequestTemplate(BaseModel):
+    """The generic form: ``$name`` placeholders, one template for every entity."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["GET", "POST", "PUT", "PATCH"] = "POST"
@@ -40,11 +104,70 @@ class RequestTemplate(BaseModel):
     body: dict[str, Any] | None = None
 
 
+class EntityRequest(BaseModel):
+    """One request of one entity, in Jinja2 (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    #: Appended to base_url; values put into it are percent-encoded.
+    path: str
+    #: Query parameters; a parameter whose value is undefined is left out.
+    params: dict[str, str] = Field(default_factory=dict)
+    #: The JSON body: a table (or array) whose strings are templates.
+    body: dict[str, Any] | list[Any] | None = None
+    #: Dotted path to the record's id in the answer; the entity's ``id`` when left out.
+    id: str | None = None
+
+
+class EntityTemplates(BaseModel):
+    """``[destinations.<name>.entities.<entity>]``: how one entity is created, updated, found."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    create: EntityRequest
+    #: Left out: a record that exists already is not updated.
+    update: EntityRequest | None = None
+    #: Left out: a record is never looked up, so an unknown outcome may end in a duplicate.
+    lookup: EntityRequest | None = None
+    #: Dotted path to the new record's id in the create answer (``data.id``, ``result``).
+    id: str = "id"
+
+
+class RestAuth(BaseModel):
+    """Credentials sent with every request; put the token in the environment or a file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: "bearer": ``Authorization: Bearer <token>``; "header": ``<header>: <token>``.
+    type: Literal["bearer", "header"] = "bearer"
+    token: SecretStr
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
+
+    @model_validator(mode="after")
+    def _header_for_header_type(self) -> RestAuth:
+        if self.type == "header" and self.header is None:
+            raise _problems("RestAuth", [(("header",), 'type = "header" needs the header name')])
+        if self.type == "bearer" and self.header is not None:
+            raise _problems(
+                "RestAuth", [(("header",), 'only for type = "header"; bearer uses Authorization')]
+            )
+        return self
+
+    def as_header(self) -> tuple[str, str]:
+        token = self.token.get_secret_value()
+        if self.type == "bearer":
+            return "Authorization", f"Bearer {token}"
+        assert self.header is not None
+        return self.header, token
+
+
 class RestSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_url: str = Field(pattern=r"^https?://")
     headers: dict[str, SecretStr] = Field(default_factory=dict)
+    auth: RestAuth | None = None
     create: RequestTemplate = RequestTemplate(method="POST", path="/records", body=_DEFAULT_BODY)
     update: RequestTemplate | None = RequestTemplate(
         method="PATCH", path="/records/$id", body=_DEFAULT_BODY
@@ -57,9 +180,142 @@ class RestSettings(BaseModel):
     idempotency_header: str = "Idempotency-Key"
     #: Link to a record in the target's own UI, for the monitor; may use $id and $entity.
     record_url: str | None = None
+    #: Per-entity templates; an entity left out uses the generic form above.
+    entities: dict[str, EntityTemplates] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _templates_compile(self) -> RestSettings:
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if not _ID_PATH.fullmatch(self.id_field):
+            problems.append((("id_field",), _bad_id_path(self.id_field)))
+        for entity, templates in self.entities.items():
+            if entity not in ENTITIES:
+                problems.append(
+                    (("entities", entity), f"unknown entity (known: {', '.join(ENTITIES)})")
+                )
+            if not _ID_PATH.fullmatch(templates.id):
+                problems.append((("entities", entity, "id"), _bad_id_path(templates.id)))
+            for action in ("create", "update", "lookup"):
+                request: EntityRequest | None = getattr(templates, action)
+                if request is None:
+                    continue
+                where = ("entities", entity, action)
+                if request.id is not None and not _ID_PATH.fullmatch(request.id):
+                    problems.append(((*where, "id"), _bad_id_path(request.id)))
+                problems += _check_template(request.path, (*where, "path"), path=True)
+                for name, value in request.params.items():
+                    problems += _check_template(value, (*where, "params", name))
+                problems += _check_body(request.body, (*where, "body"))
+        if problems:
+            raise _problems("RestSettings", problems)
+        return self
+
+
+def _bad_id_path(value: str) -> str:
+    return (
+        f"{value!r} is not a dotted path to the id in the answer "
+        "(like id, data.id, result or data.0.id)"
+    )
+
+
+def _problems(title: str, problems: list[tuple[tuple[str, ...], str]]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(type=PydanticCustomError("template", message), loc=loc, input=None)
+            for loc, message in problems
+        ],
+    )
+
+
+def _check_body(value: Any, where: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+    if isinstance(value, str):
+        return _check_template(value, where)
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _check_body(v, (*where, str(k)))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _check_body(v, (*where, str(i)))]
+    return []
+
+
+def _check_template(
+    source: str, where: tuple[str, ...], *, path: bool = False
+) -> list[tuple[tuple[str, ...], str]]:
+    env = _PATH_ENV if path else _ENV
+    single = None if path else _SINGLE_EXPRESSION.fullmatch(source)
+    try:
+        if single is not None:
+            env.compile_expression(single.group("expr"))
+        else:
+            env.from_string(source)
+        used = meta.find_undeclared_variables(env.parse(source))
+    except TemplateSyntaxError as exc:
+        return [(where, f"template {source!r} does not compile: {exc.message}")]
+    unknown = sorted(used - TEMPLATE_VARIABLES)
+    if unknown:
+        known = ", ".join(sorted(TEMPLATE_VARIABLES))
+        return [(where, f"template {source!r} uses unknown {', '.join(unknown)} (known: {known})")]
+    return []
+
+
+@lru_cache(maxsize=1024)
+def _template(source: str, path: bool) -> Any:
+    return (_PATH_ENV if path else _ENV).from_string(source)
+
+
+@lru_cache(maxsize=1024)
+def _expression(source: str) -> Any:
+    return _ENV.compile_expression(source, undefined_to_none=False)
+
+
+class _Omit:
+    """A body value whose expression is undefined: the key is left out."""
+
+
+_OMIT = _Omit()
+
+
+def _render_value(value: Any, variables: dict[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        try:
+            single = _SINGLE_EXPRESSION.fullmatch(value)
+            if single is not None:
+                try:
+                    result = _expression(single.group("expr"))(**variables)
+                except UndefinedError:
+                    return _OMIT  # e.g. fields.emails[0] for a client without e-mail
+                if isinstance(result, Undefined):
+                    return _OMIT
+                return _plain(result)
+            return str(_template(value, False).render(variables))
+        except TemplateError as exc:
+            raise Rejected(f"{where}: template {value!r} does not render: {exc}") from None
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            rendered = _render_value(item, variables, f"{where}.{key}")
+            if not isinstance(rendered, _Omit):
+                out[str(key)] = rendered
+        return out
+    if isinstance(value, list):
+        items = [_render_value(v, variables, f"{where}.{i}") for i, v in enumerate(value)]
+        return [v for v in items if not isinstance(v, _Omit)]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and other sequences from a template as JSON arrays."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _render(value: Any, variables: dict[str, Any]) -> Any:
+    """The generic form's ``$name`` substitution."""
     if isinstance(value, str):
         if value.startswith("$") and value[1:].isidentifier() and value[1:] in variables:
             return variables[value[1:]]
@@ -83,6 +339,11 @@ def _dig(data: Any, dotted: str) -> Any:
     return data
 
 
+#: The records this delivery has resolved so far, by entity: what ``{{ contact.crm_id }}``
+#: reads. Set per ``execute``; each delivery runs in its own task, so its own context.
+_RELATED: ContextVar[dict[str, dict[str, Any]] | None] = ContextVar("rest_related", default=None)
+
+
 class RestConnector(RecordConnector):
     kind = "rest"
     settings_model = RestSettings
@@ -90,13 +351,39 @@ class RestConnector(RecordConnector):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        headers = {k: v.get_secret_value() for k, v in self.settings.headers.items()}
+        if self.settings.auth is not None:
+            name, value = self.settings.auth.as_header()
+            headers[name] = value
+            token = self.settings.auth.token.get_secret_value()
+            redactor.add([value, token] if token else [value])
         self._client = httpx.AsyncClient(
             base_url=self.settings.base_url,
-            headers={k: v.get_secret_value() for k, v in self.settings.headers.items()},
+            headers=headers,
             timeout=self.timeout,
             transport=self.transport,
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
         )
+
+    # --- the plan ---------------------------------------------------------------
+
+    async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
+        token = _RELATED.set({})
+        try:
+            await super().execute(plan, ctx)
+        finally:
+            _RELATED.reset(token)
+
+    async def _apply(
+        self, op: Upsert, parent_id: str | None, key: str, ctx: DeliveryContext
+    ) -> str:
+        crm_id = await super()._apply(op, parent_id, key, ctx)
+        related = _RELATED.get()
+        if related is not None:
+            related[op.entity] = {"crm_id": crm_id, "external_key": op.external_key}
+        return crm_id
+
+    # --- the generic form ----------------------------------------------------------
 
     def _variables(self, op: Upsert, parent_id: str | None, **extra: Any) -> dict[str, Any]:
         variables: dict[str, Any] = {str(k): v for k, v in op.fields.items()}
@@ -122,21 +409,96 @@ class RestConnector(RecordConnector):
             response = await self._client.request(template.method, path, json=body, headers=headers)
         return response
 
+    # --- per-entity templates -------------------------------------------------------
+
+    def _context(
+        self,
+        op: Upsert,
+        parent_id: str | None,
+        *,
+        crm_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """What a per-entity template sees: this record, its parent, the plan's other records."""
+        related = dict(_RELATED.get() or {})
+        nobody: dict[str, Any] = {"crm_id": None, "external_key": None}
+        parent = {"crm_id": parent_id, "external_key": op.parent}
+        if op.parent is not None:
+            # The parent may come from the links table rather than this plan.
+            if op.entity == "deal":
+                related.setdefault("contact", parent)
+            elif op.entity == "note" and related.get("contact", {}).get("external_key") != (
+                op.parent
+            ):
+                related.setdefault("deal", parent)
+        return {
+            "entity": op.entity,
+            "external_key": op.external_key,
+            "fields": dict(op.fields),
+            "crm_id": crm_id,
+            "parent_id": parent_id,
+            "idempotency_key": idempotency_key,
+            "contact": related.get("contact", nobody),
+            "deal": related.get("deal", nobody),
+            "parent": parent if op.parent is not None else nobody,
+        }
+
+    async def _send_entity(
+        self,
+        entity: str,
+        action: str,
+        request: EntityRequest,
+        variables: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> httpx.Response:
+        where = f"destinations.{self.name}.entities.{entity}.{action}"
+        try:
+            path = str(_template(request.path, True).render(variables))
+        except TemplateError as exc:
+            raise Rejected(f"{where}.path: template does not render: {exc}") from None
+        params = _render_value(dict(request.params), variables, f"{where}.params")
+        body = (
+            _render_value(request.body, variables, f"{where}.body")
+            if request.body is not None
+            else None
+        )
+        headers = {self.settings.idempotency_header: idempotency_key} if idempotency_key else {}
+        async with classified():
+            response = await self._client.request(
+                request.method,
+                path,
+                params={k: str(v) for k, v in params.items()} or None,
+                json=body,
+                headers=headers,
+            )
+        return response
+
+    # --- RecordConnector ------------------------------------------------------------
+
     def _url_for(self, entity: str, crm_id: str) -> str | None:
         if self.settings.record_url is None:
             return None
         return string.Template(self.settings.record_url).safe_substitute(id=crm_id, entity=entity)
 
     async def create(self, op: Upsert, parent_id: str | None, idempotency_key: str) -> Created:
-        variables = self._variables(op, parent_id, idempotency_key=idempotency_key)
-        response = await self._send(self.settings.create, variables, idempotency_key)
+        templates = self.settings.entities.get(op.entity)
+        if templates is not None:
+            variables = self._context(op, parent_id, idempotency_key=idempotency_key)
+            response = await self._send_entity(
+                op.entity, "create", templates.create, variables, idempotency_key
+            )
+            id_path = templates.create.id or templates.id
+        else:
+            variables = self._variables(op, parent_id, idempotency_key=idempotency_key)
+            response = await self._send(self.settings.create, variables, idempotency_key)
+            id_path = self.settings.id_field
         error = error_for_response(response)
         if error is not None:
             raise error
-        crm_id = _dig(_json(response), self.settings.id_field)
-        if crm_id is None:
+        crm_id = _dig(_json(response), id_path)
+        if crm_id is None or isinstance(crm_id, dict | list):
             raise Rejected(
-                f"create answered HTTP {response.status_code} without {self.settings.id_field!r}",
+                f"{op.entity} create answered HTTP {response.status_code} without {id_path!r}",
                 status_code=response.status_code,
             )
         return Created(crm_id=str(crm_id), url=self._url_for(op.entity, str(crm_id)))
@@ -144,37 +506,65 @@ class RestConnector(RecordConnector):
     async def update(
         self, op: Upsert, crm_id: str, parent_id: str | None, idempotency_key: str
     ) -> None:
-        if self.settings.update is None:
-            return
-        variables = self._variables(op, parent_id, id=crm_id, idempotency_key=idempotency_key)
-        response = await self._send(self.settings.update, variables, idempotency_key)
+        templates = self.settings.entities.get(op.entity)
+        if templates is not None:
+            if templates.update is None:
+                return
+            variables = self._context(op, parent_id, crm_id=crm_id, idempotency_key=idempotency_key)
+            response = await self._send_entity(
+                op.entity, "update", templates.update, variables, idempotency_key
+            )
+        else:
+            if self.settings.update is None:
+                return
+            variables = self._variables(op, parent_id, id=crm_id, idempotency_key=idempotency_key)
+            response = await self._send(self.settings.update, variables, idempotency_key)
         error = error_for_response(response)
         if error is not None:
             raise error
 
     async def find(self, op: Upsert, parent_id: str | None) -> LinkRef | None:
-        if self.settings.lookup is None:
-            return None
-        response = await self._send(self.settings.lookup, self._variables(op, parent_id), None)
+        templates = self.settings.entities.get(op.entity)
+        if templates is not None:
+            if templates.lookup is None:
+                return None
+            response = await self._send_entity(
+                op.entity, "lookup", templates.lookup, self._context(op, parent_id), None
+            )
+            explicit = templates.lookup.id
+            id_path = explicit or templates.id
+        else:
+            if self.settings.lookup is None:
+                return None
+            response = await self._send(self.settings.lookup, self._variables(op, parent_id), None)
+            explicit = None
+            id_path = self.settings.id_field
         if response.status_code in (404, 204):
             return None
         error = error_for_response(response)
         if error is not None:
             raise error
         data = _json(response)
-        if isinstance(data, list):
+        if explicit is None and isinstance(data, list):
+            # A list of matches without a path into it: the first one.
             data = data[0] if data else None
-        crm_id = _dig(data, self.settings.id_field) if data is not None else None
-        if crm_id is None:
+        crm_id = _dig(data, id_path) if data is not None else None
+        if crm_id is None or isinstance(crm_id, dict | list):
             return None
         return LinkRef(crm_id=str(crm_id), url=self._url_for(op.entity, str(crm_id)))
 
     async def check(self) -> list[str]:
-        """Ask the lookup endpoint for a key that cannot exist: any answer but an error is fine."""
-        if self.settings.lookup is None:
-            return ["no lookup template: nothing to call"]
+        """Ask a lookup endpoint for a key that cannot exist: any answer but an error is fine."""
         probe = Upsert(entity="deal", external_key="syncd-ping-0")
-        response = await self._send(self.settings.lookup, self._variables(probe, None), None)
+        deal = self.settings.entities.get("deal")
+        if deal is not None and deal.lookup is not None:
+            response = await self._send_entity(
+                "deal", "lookup", deal.lookup, self._context(probe, None), None
+            )
+        elif deal is None and self.settings.lookup is not None:
+            response = await self._send(self.settings.lookup, self._variables(probe, None), None)
+        else:
+            return ["no lookup template for deals: nothing to call"]
         if response.status_code not in (200, 204, 404):
             error = error_for_response(response)
             if error is not None:

@@ -11,7 +11,7 @@ from syncd.emulators.serving import ServerThread
 from syncd.emulators.sink import create_sink
 
 from .harness import CrmHarness
-from .rest_harness import RestHarness
+from .rest_harness import API_KEY, RestHarness, TemplatedRestHarness
 
 #: Harness factories provided by each CRM's module: "module:function" returning
 #: a context manager that yields a CrmHarness. Listed by name so a CRM whose
@@ -22,13 +22,14 @@ EXTRA = {
 }
 
 
-@pytest.fixture(params=["rest", *EXTRA])
+@pytest.fixture(params=["rest", "rest_templated", *EXTRA])
 def crm(request: pytest.FixtureRequest) -> Iterator[CrmHarness]:
-    if request.param == "rest":
-        app, state = create_sink()
+    if request.param in ("rest", "rest_templated"):
+        templated = request.param == "rest_templated"
+        app, state = create_sink(api_key=API_KEY if templated else None)
         server = ServerThread(app).start()
         try:
-            yield RestHarness(server, state)
+            yield (TemplatedRestHarness if templated else RestHarness)(server, state)
         finally:
             server.stop()
         return

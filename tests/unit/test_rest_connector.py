@@ -224,3 +224,312 @@ async def test_a_create_in_flight_elsewhere_is_waited_for() -> None:
     with pytest.raises(Contended) as info:
         await connector().execute(Plan((CONTACT,)), ctx(links))
     assert info.value.retriable and info.value.retry_after == 1.0
+
+
+# --- per-entity templates ----------------------------------------------------------
+
+CLIENT = UpsertContact(
+    key="hd:client:7",
+    identities=("email:anna@example.com",),
+    name="Anna Petrova",
+    emails=("anna@example.com",),
+)
+TICKET = UpsertDeal(
+    key="hd:ticket:1", title="Order is late", stage_id="NEW", contact_key="hd:client:7"
+)
+MESSAGE = AddNote(key="hd:event:3", parent_key="hd:ticket:1", parent_entity="deal", text="hello")
+
+ENTITIES: dict[str, object] = {
+    "contact": {
+        "create": {
+            "path": "/v2/people",
+            "body": {
+                "name": "{{ fields.name }}",
+                "emails": "{{ fields.emails }}",
+                "phone": "{{ fields.phones[0] }}",
+                "ref": "{{ external_key }}",
+            },
+        },
+        "update": {"method": "PUT", "path": "/v2/people/{{ crm_id }}", "body": {"x": 1}},
+        "lookup": {
+            "method": "GET",
+            "path": "/v2/people",
+            "params": {"ref": "{{ external_key }}", "email": "{{ fields.emails[0] }}"},
+            "id": "items.0.uid",
+        },
+        "id": "data.id",
+    },
+    "deal": {
+        "create": {
+            "path": "/v2/people/{{ contact.crm_id }}/deals",
+            "body": {
+                "title": "{{ fields.title }} [{{ external_key }}]",
+                "person": "{{ contact.crm_id | int }}",
+                "stage": "{{ fields.stage_id }}",
+                "owner": "{{ fields.responsible_id }}",
+            },
+        },
+        "update": {
+            "method": "PATCH",
+            "path": "/v2/deals/{{ crm_id }}",
+            "body": {"title": "{{ fields.title }}", "stage": "{{ fields.stage_id }}"},
+        },
+        "lookup": {"method": "GET", "path": "/v2/deals/by-ref/{{ external_key }}"},
+        "id": "result",
+    },
+    "note": {
+        "create": {
+            "path": "/v2/deals/{{ deal.crm_id }}/comments",
+            "body": {"text": "{{ fields.text }}", "deal": "{{ deal.crm_id }}"},
+        },
+        "id": "comment.id",
+    },
+}
+
+
+def templated(**extra: object) -> RestConnector:
+    return connector(entities=ENTITIES, **extra)
+
+
+@respx.mock
+async def test_each_entity_uses_its_own_template_and_passes_its_id_on() -> None:
+    import json
+
+    respx.get(f"{BASE}/v2/people").mock(return_value=httpx.Response(200, json={"items": []}))
+    person = respx.post(f"{BASE}/v2/people").mock(
+        return_value=httpx.Response(201, json={"data": {"id": 501}})
+    )
+    deal = respx.post(f"{BASE}/v2/people/501/deals").mock(
+        return_value=httpx.Response(201, json={"result": "D-9"})
+    )
+    note = respx.post(f"{BASE}/v2/deals/D-9/comments").mock(
+        return_value=httpx.Response(201, json={"comment": {"id": 77}})
+    )
+    generic = respx.post(f"{BASE}/records").mock(return_value=httpx.Response(201, json={"id": 1}))
+    links = MemoryLinks()
+    await templated().execute(Plan((CLIENT, TICKET, MESSAGE)), ctx(links))
+
+    assert generic.call_count == 0
+    # a value that is one expression keeps its type; an undefined one is left out
+    assert json.loads(person.calls[0].request.content) == {
+        "name": "Anna Petrova",
+        "emails": ["anna@example.com"],
+        "ref": "hd:client:7",
+    }
+    assert json.loads(deal.calls[0].request.content) == {
+        "title": "Order is late [hd:ticket:1]",
+        "person": 501,
+        "stage": "NEW",
+    }
+    assert json.loads(note.calls[0].request.content) == {"text": "hello", "deal": "D-9"}
+    assert deal.calls[0].request.headers["idempotency-key"] == "syncd-ab12-7-1"
+    assert links.rows[("contact", "hd:client:7")].crm_id == "501"
+    assert links.rows[("deal", "hd:ticket:1")].crm_id == "D-9"
+    assert links.rows[("note", "hd:event:3")].crm_id == "77"
+
+
+@respx.mock
+async def test_later_events_update_through_the_update_template_with_known_ids() -> None:
+    import json
+
+    links = MemoryLinks()
+    await links.record("contact", "hd:client:7", "501", None)
+    await links.record("deal", "hd:ticket:1", "D-9", None)
+    person = respx.put(f"{BASE}/v2/people/501").mock(return_value=httpx.Response(200, json={}))
+    deal = respx.patch(f"{BASE}/v2/deals/D-9").mock(return_value=httpx.Response(200, json={}))
+    note = respx.post(f"{BASE}/v2/deals/D-9/comments").mock(
+        return_value=httpx.Response(201, json={"comment": {"id": 78}})
+    )
+    solved = UpsertDeal(key="hd:ticket:1", stage_id="WON", contact_key="hd:client:7")
+    await templated().execute(Plan((CLIENT, solved, MESSAGE)), ctx(links))
+    # no title in this event: left out of the update, so the CRM keeps its own
+    assert json.loads(deal.calls[0].request.content) == {"stage": "WON"}
+    assert person.call_count == 1 and note.call_count == 1
+
+
+@respx.mock
+async def test_lookup_template_after_an_unknown_outcome() -> None:
+    links = MemoryLinks()
+    await links.intend("contact", "hd:client:7")  # a create whose answer was lost
+    lookup = respx.get(f"{BASE}/v2/people").mock(
+        return_value=httpx.Response(200, json={"items": [{"uid": "p-3"}]})
+    )
+    create = respx.post(f"{BASE}/v2/people").mock(return_value=httpx.Response(201, json={}))
+    respx.put(f"{BASE}/v2/people/p-3").mock(return_value=httpx.Response(200, json={}))
+    await templated().execute(Plan((CLIENT,)), ctx(links))
+    assert create.call_count == 0 and links.rows[("contact", "hd:client:7")].crm_id == "p-3"
+    sent = lookup.calls[0].request.url.params
+    assert sent["ref"] == "hd:client:7" and sent["email"] == "anna@example.com"
+
+
+@respx.mock
+async def test_lookup_path_values_are_percent_encoded_and_404_means_absent() -> None:
+    links = MemoryLinks()
+    await links.record("contact", "hd:client:7", "501", None)
+    await links.intend("deal", "hd:ticket:1")
+    lookup = respx.get(f"{BASE}/v2/deals/by-ref/hd%3Aticket%3A1").mock(
+        return_value=httpx.Response(404, json={"error": "no such deal"})
+    )
+    create = respx.post(f"{BASE}/v2/people/501/deals").mock(
+        return_value=httpx.Response(201, json={"result": 12})
+    )
+    await templated().execute(Plan((TICKET,)), ctx(links))
+    assert lookup.call_count == 1 and create.call_count == 1
+    assert links.rows[("deal", "hd:ticket:1")].crm_id == "12"
+
+
+@respx.mock
+async def test_an_answer_without_the_id_at_its_path_is_rejected() -> None:
+    respx.get(f"{BASE}/v2/people").mock(return_value=httpx.Response(200, json={"items": []}))
+    respx.post(f"{BASE}/v2/people").mock(return_value=httpx.Response(201, json={"id": 5}))
+    with pytest.raises(Rejected, match=r"contact create answered HTTP 201 without 'data\.id'"):
+        await templated().execute(Plan((CLIENT,)), ctx(MemoryLinks()))
+
+
+@respx.mock
+async def test_a_template_that_cannot_render_names_its_key() -> None:
+    entities = {"note": {"create": {"path": "/n", "body": {"t": "x {{ fields.nope }}"}}}}
+    links = MemoryLinks()
+    await links.record("deal", "hd:ticket:1", "4", None)
+    route = respx.post(f"{BASE}/n").mock(return_value=httpx.Response(201, json={"id": 1}))
+    with pytest.raises(Rejected, match=r"destinations\.crm\.entities\.note\.create\.body\.t"):
+        await connector(entities=entities).execute(Plan((MESSAGE,)), ctx(links))
+    assert route.call_count == 0
+
+
+@respx.mock
+async def test_entities_without_templates_keep_the_generic_form() -> None:
+    import json
+
+    links = MemoryLinks()
+    await links.record("deal", "hd:ticket:1", "D-9", None)
+    generic = respx.post(f"{BASE}/records").mock(return_value=httpx.Response(201, json={"id": 3}))
+    only_deals = {"deal": ENTITIES["deal"]}
+    await connector(entities=only_deals).execute(Plan((MESSAGE,)), ctx(links))
+    assert json.loads(generic.calls[0].request.content)["parent_id"] == "D-9"
+
+
+# --- auth and config errors ------------------------------------------------------------
+
+
+def rest_config(destination: str) -> str:
+    return f"""
+[sources.helpdesk]
+secret = "s"
+
+[destinations.crm]
+kind = "rest"
+base_url = "http://crm.test"
+{destination}
+"""
+
+
+def config_problems(destination: str) -> list[str]:
+    from syncd.config import parse_config
+    from syncd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(rest_config(destination), "syncd.toml")
+    return [f"{p.key}: {p.message}" for p in info.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("auth", "header", "value"),
+    [
+        ('type = "bearer"\ntoken = "${CRM_TOKEN}"', "authorization", "Bearer t0k3n-from-env"),
+        ('type = "header"\nheader = "X-Api-Key"\ntoken_file = "{file}"', "x-api-key", "k3y-file"),
+    ],
+)
+@respx.mock
+async def test_auth_comes_from_the_environment_or_a_file(
+    auth: str,
+    header: str,
+    value: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    from syncd.config import parse_config
+    from syncd.connectors import registry
+
+    assert isinstance(tmp_path, Path)
+    secret = tmp_path / "key"
+    secret.write_text("k3y-file\n")
+    monkeypatch.setenv("CRM_TOKEN", "t0k3n-from-env")
+    text = rest_config("[destinations.crm.auth]\n" + auth.replace("{file}", str(secret)))
+    config = parse_config(text, "syncd.toml")
+    assert value.removeprefix("Bearer ") in config.secret_values()  # masked in logs
+    c = registry.build("crm", config.destinations["crm"], timeout=2)
+    route = respx.post(f"{BASE}/records").mock(return_value=httpx.Response(201, json={"id": 1}))
+    await c.execute(Plan((DEAL,)), ctx(MemoryLinks()))
+    assert route.calls[0].request.headers[header] == value
+    await c.aclose()
+
+
+def test_a_missing_token_variable_is_a_config_error() -> None:
+    found = config_problems('[destinations.crm.auth]\ntoken = "${SYNCD_TEST_UNSET_TOKEN}"')
+    assert (
+        "destinations.crm.auth.token: environment variable SYNCD_TEST_UNSET_TOKEN is not set"
+        in (found)
+    )
+
+
+def test_header_auth_needs_the_header_name() -> None:
+    found = config_problems('[destinations.crm.auth]\ntype = "header"\ntoken = "x"')
+    assert found == ['destinations.crm.auth.header: type = "header" needs the header name']
+
+
+def test_bad_templates_and_id_paths_are_config_errors_naming_their_key() -> None:
+    found = config_problems(
+        """
+[destinations.crm.entities.deal]
+id = "data..id"
+create = { path = "/deals/{{ crm_id", body = { title = "{{ fields.title }", n = ["{{ contcat.crm_id }}"] } }
+lookup = { method = "GET", path = "/deals", params = { q = "{% if %}" }, id = ".id" }
+[destinations.crm.entities.note]
+create = { path = "/notes", body = { text = "{{ fields.text | nosuchfilter }}" } }
+"""
+    )
+    joined = "\n".join(found)
+    assert "destinations.crm.entities.deal.id: 'data..id' is not a dotted path" in joined
+    assert "destinations.crm.entities.deal.create.path: template '/deals/{{ crm_id'" in joined
+    assert "destinations.crm.entities.deal.create.body.title: template" in joined
+    assert (
+        "destinations.crm.entities.deal.create.body.n.0: template '{{ contcat.crm_id }}' "
+        "uses unknown contcat" in joined
+    )
+    assert "destinations.crm.entities.deal.lookup.params.q: template" in joined
+    assert "destinations.crm.entities.deal.lookup.id: '.id' is not a dotted path" in joined
+    assert "destinations.crm.entities.note.create.body.text: template" in joined
+    assert "nosuchfilter" in joined
+    assert len(found) == 7
+
+
+def test_an_unknown_entity_and_a_bad_generic_id_field_are_config_errors() -> None:
+    found = config_problems(
+        'id_field = "data id"\n[destinations.crm.entities.company]\ncreate = { path = "/c" }'
+    )
+    joined = "\n".join(found)
+    assert "destinations.crm.entities.company: unknown entity (known: contact, deal, note)" in (
+        joined
+    )
+    assert "destinations.crm.id_field: 'data id' is not a dotted path" in joined
+
+
+def test_the_commented_templates_in_the_example_config_are_valid() -> None:
+    """config/syncd.example.toml shows per-entity templates commented out: they must work."""
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "config" / "syncd.example.toml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# [destinations.crm.entities.contact]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    entities = tomllib.loads("\n".join(block))["destinations"]["crm"]["entities"]
+    settings = RestSettings.model_validate({"base_url": BASE, "entities": entities})
+    assert set(settings.entities) == {"contact", "deal", "note"}
