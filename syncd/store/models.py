@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 # SQLite only aliases the rowid for INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
@@ -73,9 +82,19 @@ class Delivery(SQLModel, table=True):
         Index("ix_deliveries_order", "destination", "ordering_key", "id"),
         Index("ix_deliveries_state", "state", "destination"),
         Index("ix_deliveries_event", "event_id"),
-        Index("ix_deliveries_counts", "destination", "source", "state"),
+        # Overview counts (covering) and the monitor's list by destination + source + state.
+        Index("ix_deliveries_counts", "destination", "source", "state", "id"),
         Index("ix_deliveries_created", "created_at"),
         Index("ix_deliveries_finished", "finished_at", "state"),
+        # The monitor's list filtered by state alone, newest first, with no sort.
+        Index("ix_deliveries_state_id", "state", "id"),
+        # The monitor's search in error texts: only the rows that have one, in id order.
+        Index(
+            "ix_deliveries_errored",
+            "id",
+            sqlite_where=text("last_error IS NOT NULL"),
+            postgresql_where=text("last_error IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(
@@ -127,6 +146,8 @@ class Link(SQLModel, table=True):
     __tablename__ = "links"
     __table_args__ = (
         UniqueConstraint("destination", "entity", "external_key", name="uq_links_key"),
+        # A ticket trace finds the links its deliveries made.
+        Index("ix_links_delivery", "delivery_id"),
     )
 
     id: int | None = Field(

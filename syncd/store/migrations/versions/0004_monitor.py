@@ -79,9 +79,18 @@ def upgrade() -> None:
         "UPDATE deliveries SET source = "
         "(SELECT events.source FROM events WHERE events.id = deliveries.event_id)"
     )
-    op.create_index("ix_deliveries_counts", "deliveries", ["destination", "source", "state"])
+    op.create_index("ix_deliveries_counts", "deliveries", ["destination", "source", "state", "id"])
     op.create_index("ix_deliveries_created", "deliveries", ["created_at"])
     op.create_index("ix_deliveries_finished", "deliveries", ["finished_at", "state"])
+    op.create_index("ix_deliveries_state_id", "deliveries", ["state", "id"])
+    op.create_index(
+        "ix_deliveries_errored",
+        "deliveries",
+        ["id"],
+        sqlite_where=sa.text("last_error IS NOT NULL"),
+        postgresql_where=sa.text("last_error IS NOT NULL"),
+    )
+    op.create_index("ix_links_delivery", "links", ["delivery_id"])
 
     op.create_table(
         "audit",
@@ -112,6 +121,9 @@ def downgrade() -> None:
     op.drop_table("resend_jobs")
     op.drop_index("ix_audit_at", "audit")
     op.drop_table("audit")
+    op.drop_index("ix_links_delivery", "links")
+    op.drop_index("ix_deliveries_errored", "deliveries")
+    op.drop_index("ix_deliveries_state_id", "deliveries")
     op.drop_index("ix_deliveries_finished", "deliveries")
     op.drop_index("ix_deliveries_created", "deliveries")
     op.drop_index("ix_deliveries_counts", "deliveries")
