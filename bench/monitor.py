@@ -526,6 +526,8 @@ def cases(v: dict[str, str]) -> list[tuple[str, str, str, bool]]:
     q = httpx.QueryParams
     return [
         ("overview (JSON)", "api", "/api/v1/overview", True),
+        # The same figures counted anew on every request, bypassing the few-second cache.
+        ("overview (JSON, fresh count)", "api", "/api/v1/overview?fresh=true", False),
         ("overview page (HTML)", "html", "/", True),
         ("events, first page (JSON)", "api", "/api/v1/events", True),
         ("events page (HTML)", "html", "/events", True),

@@ -129,6 +129,8 @@ class MonitorConfig(_Strict):
     secure_cookies: bool = False
     #: /metrics without a login, for a Prometheus scraper on a private network.
     public_metrics: bool = True
+    #: The overview's counts are at most this old (0: count on every request).
+    overview_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     users: list[MonitorUser] = Field(default_factory=list)
     tokens: list[MonitorToken] = Field(default_factory=list)
 

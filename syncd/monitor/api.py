@@ -134,9 +134,15 @@ def api_router(monitor: Monitor) -> APIRouter:
         }
 
     @router.get("/api/v1/overview", tags=["monitor"])
-    async def overview(_: Principal = Depends(viewer)) -> dict[str, Any]:
+    async def overview(
+        fresh: bool = Query(
+            False, description="count now instead of using figures up to a few seconds old"
+        ),
+        _: Principal = Depends(viewer),
+    ) -> dict[str, Any]:
         """What the overview page shows: counts per destination and source, 24 h by hour, lag."""
-        ov = await store.read(queries.overview)
+        assert monitor.overview is not None
+        ov = await monitor.overview.get(fresh=fresh)
         return {
             "generated_at": queries.iso(ov.generated_at),
             "totals": ov.totals,

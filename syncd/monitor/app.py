@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 
 from syncd.config import Config
+from syncd.monitor import queries
 from syncd.monitor.actions import ResendJobs, write_audit
 from syncd.monitor.auth import Auth, CsrfError, Forbidden, NotLoggedIn
+from syncd.monitor.queries import Overview
 from syncd.store import Store
 
 log = structlog.get_logger("syncd.monitor")
@@ -41,6 +44,70 @@ class Reingester(Protocol):
     async def reingest(self, item_id: int) -> Any: ...
 
 
+class OverviewCache:
+    """The overview's counts, recomputed at most every ``ttl`` seconds.
+
+    Counting a million deliveries takes SQLite ~0.1 s, and a wall screen or ten
+    managers refreshing must not each pay it. A copy younger than ``ttl`` is served
+    as is; an older one is served at once while one background read refreshes it
+    (stale-while-revalidate); only a missing or very old copy makes the caller
+    wait, and concurrent callers then share that one read. ``ttl = 0`` turns it off.
+    The page always shows when its figures were taken.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        ttl: float,
+        max_stale: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.ttl = ttl
+        self.max_stale = max(max_stale, ttl)
+        self._value: Overview | None = None
+        self._taken = 0.0
+        self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def get(self, *, fresh: bool = False) -> Overview:
+        """The figures; ``fresh`` counts now (and keeps the result for the next callers)."""
+        if self.ttl <= 0:
+            return await self._store.read(queries.overview)
+        if fresh:
+            async with self._lock:
+                await self._reload_now()
+            assert self._value is not None
+            return self._value
+        age = self._clock() - self._taken
+        if self._value is not None and age < self.ttl:
+            return self._value
+        if self._value is not None and age < self.max_stale:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.create_task(self._reload())
+            return self._value
+        async with self._lock:
+            if self._value is None or self._clock() - self._taken >= self.max_stale:
+                await self._reload_now()
+            assert self._value is not None
+            return self._value
+
+    async def wait_for_refresh(self) -> None:
+        """Until a background refresh, if one runs, is done (tests)."""
+        if self._refresh is not None:
+            await self._refresh
+
+    async def _reload(self) -> None:
+        async with self._lock:
+            await self._reload_now()
+
+    async def _reload_now(self) -> None:
+        started = self._clock()
+        self._value = await self._store.read(queries.overview)
+        self._taken = started
+
+
 @dataclass
 class Monitor:
     store: Store
@@ -51,6 +118,11 @@ class Monitor:
     intake: Reingester | None = None
     #: Called after anything is queued again, so the dispatcher looks at once.
     wake: Callable[[], None] = lambda: None
+    overview: OverviewCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.overview is None:
+            self.overview = OverviewCache(self.store, self.config.monitor.overview_cache_seconds)
 
     async def deny(self, exc: Forbidden) -> None:
         log.warning("access_denied", user=exc.principal.name, action=exc.action)

@@ -686,3 +686,31 @@ def test_pages_forbid_framing_and_foreign_scripts(env: Env) -> None:
     page = env.client().get("/login")
     assert page.headers["X-Frame-Options"] == "DENY"
     assert "script-src 'none'" in page.headers["Content-Security-Policy"]
+
+
+async def test_overview_cache_serves_stale_while_it_refreshes(store: Store) -> None:
+    from syncd.monitor.app import OverviewCache
+
+    now = [1000.0]
+    cache = OverviewCache(store, ttl=5, max_stale=60, clock=lambda: now[0])
+    env = Env(store)
+    env.put("1")
+    first = await cache.get()
+    assert first.totals["pending"] == 1
+    env.put("2")
+    now[0] += 4  # fresh enough: the same figures, no read
+    assert (await cache.get()) is first
+    now[0] += 2  # stale: answered at once with the old figures, refreshed behind
+    assert (await cache.get()) is first
+    await cache.wait_for_refresh()
+    assert (await cache.get()).totals["pending"] == 2
+    now[0] += 120  # too old to show: the caller waits for a fresh count
+    env.put("3")
+    assert (await cache.get()).totals["pending"] == 3
+    # asked for fresh figures, it counts now even within the ttl
+    env.put("3b")
+    assert (await cache.get(fresh=True)).totals["pending"] == 4
+    # ttl 0 always counts
+    off = OverviewCache(store, ttl=0)
+    env.put("4")
+    assert (await off.get()).totals["pending"] == 5
