@@ -134,6 +134,7 @@ RU: dict[str, str] = {
     "Language": "Язык",
     "Bad request": "Неверный запрос",
     "Next page": "Следующая страница",
+    "Record": "Запись",
     "Too many failed logins. Try again in": (
         "Слишком много неудачных попыток входа. Повторите через"
     ),

@@ -49,6 +49,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+EMPTY_FILTER = "an empty filter would resend everything: name at least one condition"
 #: States from which an admin may send again (in the air ones are left to the dispatcher).
 RESENDABLE = ("delivered", "failed", "expired", "coalesced")
 
@@ -200,14 +201,14 @@ def ui_router(monitor: Monitor) -> APIRouter:
 
         def _read(conn: Any) -> dict[str, Any]:
             return {
-                "overview": queries.overview(conn),
                 "quarantined": quarantine.count_by_source(conn),
                 "pollers": poll_states(conn),
                 "status": outbox.destination_statuses(conn),
             }
 
+        assert monitor.overview is not None
         data = await store.read(_read)
-        ov: queries.Overview = data["overview"]
+        ov = data["overview"] = await monitor.overview.get()
         peak = max([1.0] + [h["delivered"] + h["failed"] + h["expired"] for h in ov.hourly])
         return render(
             request,
@@ -328,6 +329,8 @@ def ui_router(monitor: Monitor) -> APIRouter:
             flt = _filter(request)
         except ValueError as exc:
             return render_error(request, monitor, 400, str(exc))
+        if flt.is_empty():
+            return render_error(request, monitor, 400, EMPTY_FILTER)
         count = await store.read(lambda c: queries.count_deliveries(c, flt))
         return render(
             request,
@@ -343,6 +346,9 @@ def ui_router(monitor: Monitor) -> APIRouter:
         form = await form_of(request, principal)
         params = json.loads(str(form.get("filter") or "{}"))
         flt = queries.EventFilter.from_query(params)
+        if flt.is_empty():
+            # As the API refuses it: a forgotten filter must not resend the whole history.
+            return render_error(request, monitor, 400, EMPTY_FILTER)
         job = await monitor.jobs.start(flt, actor=principal.actor)
         return RedirectResponse(f"/resend/jobs/{job.id}", status_code=303)
 
@@ -387,7 +393,7 @@ def ui_router(monitor: Monitor) -> APIRouter:
             request,
             monitor,
             "ticket.html",
-            {"trace": trace, "plans": plans, "latest": latest},
+            {"trace": trace, "plans": plans, "latest": latest, "landed": landed(trace.links)},
             principal=principal,
         )
 
@@ -460,6 +466,21 @@ def ui_router(monitor: Monitor) -> APIRouter:
         )
 
     return router
+
+
+def landed(found: list[queries.LinkRow]) -> list[queries.LinkRow]:
+    """One row per CRM record for "Where it landed".
+
+    A contact is linked under its own key and again under each e-mail and phone it
+    was matched by (those aliases carry no URL): show the record once, with its link.
+    """
+    rows: dict[tuple[str, str, str], queries.LinkRow] = {}
+    for link in found:
+        key = (link.destination, link.entity, link.crm_id or f"?{link.external_key}")
+        seen = rows.get(key)
+        if seen is None or (seen.url is None and link.url is not None):
+            rows[key] = link
+    return list(rows.values())
 
 
 def _as_query(described: dict[str, Any]) -> dict[str, Any]:

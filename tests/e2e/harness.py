@@ -8,13 +8,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from syncd.emulators.serving import free_port
+from syncd.monitor.passwords import hash_password
 
 HOOK_SECRET = "e2e-hook-secret-7f3a9c"
 CRM_TOKEN = "e2e-crm-token-5d21b8e4"
@@ -69,6 +70,15 @@ subject = "{{ ticket.subject }}"
 status = "{{ ticket.status }}"
 ticket_id = "{{ ticket.id }}"
 """
+
+
+def monitor_users(users: Mapping[str, tuple[str, str]]) -> str:
+    """``[[monitor.users]]`` entries for ``{name: (role, password)}``, for ``Daemon(extra=...)``."""
+    return "".join(
+        f'\n[[monitor.users]]\nname = "{name}"\nrole = "{role}"\n'
+        f'password_hash = "{hash_password(password)}"\n'
+        for name, (role, password) in users.items()
+    )
 
 
 class Daemon:
