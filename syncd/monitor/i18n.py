@@ -107,9 +107,11 @@ RU: dict[str, str] = {
     "Count": "Количество",
     "Details": "Подробности",
     "Confirm resend": "Подтвердите повторную отправку",
-    "deliveries match this filter and will be queued again with a fresh 24-hour window.": (
-        "доставок подходят под фильтр и будут поставлены в очередь заново с новым окном 24 часа."
+    "deliveries match this filter and will be queued again, each with a fresh retry window of": (
+        "доставок подходят под фильтр и будут поставлены в очередь заново, каждая с новым окном "
+        "повторов"
     ),
+    "hours": "ч",
     "Nothing matches this filter.": "Под фильтр ничего не подходит.",
     "Cancel": "Отмена",
     "Resend progress": "Ход повторной отправки",

@@ -336,7 +336,12 @@ def ui_router(monitor: Monitor) -> APIRouter:
             request,
             monitor,
             "resend_confirm.html",
-            {"flt": flt, "query": flt.to_query(), "count": count},
+            {
+                "flt": flt,
+                "query": flt.to_query(),
+                "count": count,
+                "window_hours": monitor.config.delivery.retry_window_seconds / 3600,
+            },
             principal=principal,
         )
 
