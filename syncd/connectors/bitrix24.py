@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
@@ -33,6 +34,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from syncd.connectors.base import Connector, DeliveryContext, LinkRef
+from syncd.connectors.bitrix24_batch import SharedBatches
 from syncd.connectors.http import classified, parse_retry_after
 from syncd.connectors.throttle import TokenBucket
 from syncd.errors import (
@@ -307,6 +309,13 @@ class Bitrix24Connector(Connector):
         )
         #: Paces this connector's requests below the portal's leaky bucket.
         self.throttle = TokenBucket(s.rate_per_second, s.burst)
+        #: Concurrent deliveries share requests while they wait for the limit.
+        self._shared = SharedBatches(
+            acquire=self._pace,
+            call=partial(self._call, paced=False),
+            batch=partial(self._batch, paced=False),
+            limit=BATCH_LIMIT,
+        )
         if s.webhook_url is not None:
             url = s.webhook_url.get_secret_value()
             self._endpoint = url.rstrip("/") + "/"
@@ -465,8 +474,13 @@ class Bitrix24Connector(Connector):
 
     # --- calls -------------------------------------------------------------------------------
 
-    async def _call(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """One REST request; the whole envelope on success, a DeliveryError otherwise."""
+    async def _call(
+        self, method: str, params: Mapping[str, Any], *, paced: bool = True
+    ) -> dict[str, Any]:
+        """One REST request; the whole envelope on success, a DeliveryError otherwise.
+
+        ``paced=False``: the caller has already waited for the rate limit.
+        """
         refreshed = False
         while True:
             body = dict(params)
@@ -475,7 +489,8 @@ class Bitrix24Connector(Connector):
                 token = await self._token()
                 body["auth"] = token
             suffix = ".json" if self.settings.mode == "webhook" else ""
-            await self.throttle.acquire()
+            if paced or refreshed:
+                await self.throttle.acquire()
             async with self._network():
                 response = await self._client.post(self._endpoint + method + suffix, json=body)
             data = _json(response)
@@ -504,11 +519,15 @@ class Bitrix24Connector(Connector):
             )
 
     async def _batch(
-        self, calls: Mapping[str, tuple[str, Mapping[str, Any]]], *, halt: bool = True
+        self,
+        calls: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        halt: bool = True,
+        paced: bool = True,
     ) -> tuple[dict[str, Any], dict[str, DeliveryError]]:
         """Several commands in one request: their results and their errors, by name."""
         cmd = {name: f"{method}?{php_query(params)}" for name, (method, params) in calls.items()}
-        data = await self._call("batch", {"halt": 1 if halt else 0, "cmd": cmd})
+        data = await self._call("batch", {"halt": 1 if halt else 0, "cmd": cmd}, paced=paced)
         outer = data.get("result")
         outer = outer if isinstance(outer, dict) else {}
         results = _as_map(outer.get("result"))
@@ -534,13 +553,7 @@ class Bitrix24Connector(Connector):
             chunk = commands[start : start + BATCH_LIMIT]
             for command in chunk:
                 command.params = _resolved(command.params, results)
-            if len(chunk) == 1:
-                [command] = chunk
-                data = await self._call(command.method, command.params)
-                results[command.name] = data.get("result")
-                await command.done(data.get("result"))
-                continue
-            got, errors = await self._batch({c.name: (c.method, c.params) for c in chunk})
+            got, errors = await self._shared.run({c.name: (c.method, c.params) for c in chunk})
             failure: DeliveryError | None = None
             for command in chunk:
                 if command.name in errors:
@@ -828,7 +841,7 @@ class Bitrix24Connector(Connector):
                     "crm.duplicate.findbycomm",
                     {"type": kind, "values": values[:FINDBYCOMM_LIMIT], "entity_type": "CONTACT"},
                 )
-        results, errors = await self._batch(calls)
+        results, errors = await self._shared.run(calls)
         if errors:
             raise next(iter(errors.values()))
         origin = results.get("origin")
@@ -840,11 +853,11 @@ class Bitrix24Connector(Connector):
             candidates.update(int(i) for i in (found or []) if str(i).isdigit())
         if not candidates:
             return None
-        data = await self._call(
+        listed = await self._one(
             "crm.contact.list",
             {"filter": {"@ID": sorted(candidates)}, "select": select, "order": {"ID": "ASC"}},
         )
-        rows = [self._hit(row) for row in data.get("result") or [] if isinstance(row, dict)]
+        rows = [self._hit(row) for row in listed or [] if isinstance(row, dict)]
         for wanted in (set(emails), set(phones)):
             matching = [h for h in rows if h.values & wanted]
             if matching:
@@ -869,8 +882,21 @@ class Bitrix24Connector(Connector):
         named = bool(str(row.get("NAME") or "").strip() or str(row.get("LAST_NAME") or "").strip())
         return _ContactHit(str(row.get("ID")), frozenset(values), named)
 
+    async def _pace(self) -> float:
+        """Wait for the throttle (looked up each time: tests and reloads may swap it)."""
+        return await self.throttle.acquire()
+
+    async def _one(self, method: str, params: Mapping[str, Any]) -> Any:
+        """One command's result, through the shared requests."""
+        results, errors = await self._shared.run({"one": (method, params)})
+        if errors:
+            raise next(iter(errors.values()))
+        if "one" not in results:
+            raise ServerError(f"Bitrix24 {method}: the batch neither ran nor refused it")
+        return results["one"]
+
     async def _find_deal(self, key: str) -> str | None:
-        data = await self._call(
+        rows = await self._one(
             "crm.deal.list",
             {
                 "filter": {"ORIGINATOR_ID": self.settings.originator_id, "ORIGIN_ID": key},
@@ -878,7 +904,7 @@ class Bitrix24Connector(Connector):
                 "order": {"ID": "ASC"},
             },
         )
-        rows = data.get("result") or []
+        rows = rows or []
         return str(rows[0]["ID"]) if rows and isinstance(rows[0], dict) else None
 
     async def _find_note(self, key: str, parent_id: str, entity: str) -> str | None:
@@ -943,6 +969,7 @@ class Bitrix24Connector(Connector):
         return f"{self._portal}/crm/{entity}/details/{crm_id}/"
 
     async def aclose(self) -> None:
+        await self._shared.aclose()
         await self._client.aclose()
 
 

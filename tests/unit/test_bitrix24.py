@@ -390,18 +390,23 @@ async def test_a_token_endpoint_outage_is_retriable() -> None:
 
 @respx.mock
 async def test_concurrent_expiries_share_one_refresh() -> None:
-    api("crm.deal.update").mock(
-        side_effect=lambda request: (
-            fail(401, "expired_token", "expired")
-            if body(request)["auth"] == "old-access"
-            else ok(True)
+    def answer(request: httpx.Request, result: Any) -> httpx.Response:
+        if body(request)["auth"] == "old-access":
+            return fail(401, "expired_token", "expired")
+        return result
+
+    # the two deliveries may share a batch request, or go one by one: both paths expire
+    api("crm.deal.update").mock(side_effect=lambda request: answer(request, ok(True)))
+    api("batch").mock(
+        side_effect=lambda request: answer(
+            request, batch_ok({name: True for name in commands(request)})
         )
     )
     refresh = respx.get(TOKEN_URL).mock(return_value=token_ok())
     connector = oauth()
     await asyncio.gather(
         connector.execute(Plan((DEAL,)), ctx(linked())),
-        connector.execute(Plan((DEAL,)), ctx(linked())),
+        connector.execute(Plan((DEAL,)), ctx(linked(), delivery_id=2)),
     )
     assert refresh.call_count == 1
 
