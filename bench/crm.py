@@ -428,20 +428,29 @@ def ceilings(name: str, rate: float, concurrency: int = 16) -> dict[str, dict[st
 def main() -> int:
     parser = argparse.ArgumentParser(description="syncd into the CRM emulators, rate-limited.")
     parser.add_argument("--crm", default="bitrix24,amocrm", help="comma-separated")
-    parser.add_argument("--tickets", type=int, default=60, help="new tickets (and follow-ups)")
+    parser.add_argument(
+        "--tickets",
+        default="bitrix24=1500,amocrm=60",
+        help="new tickets (and as many follow-ups) per CRM, e.g. bitrix24=1500,amocrm=60; "
+        "enough that the burst is spent early in each phase",
+    )
     parser.add_argument("--limit", type=float, default=150.0, help="seconds allowed per phase")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
 
     watch = c.LoadWatch()
     workdir = Path(tempfile.mkdtemp(prefix="syncd-bench-crm-"))
-    print(f"crm benchmark: {args.tickets} tickets per CRM, work dir {workdir}", flush=True)
+    tickets = {
+        name.strip(): int(count)
+        for name, _, count in (part.partition("=") for part in args.tickets.split(","))
+    }
+    print(f"crm benchmark: tickets per CRM {tickets}, work dir {workdir}", flush=True)
     makers = {"bitrix24": bitrix24, "amocrm": amocrm}
     results = []
     for name in [n.strip() for n in args.crm.split(",") if n.strip()]:
         crm = makers[name]()
         try:
-            result = run_crm(crm, args.tickets, workdir, args.limit)
+            result = run_crm(crm, tickets[name], workdir, args.limit)
         finally:
             crm.server.stop()
         ceiling = ceilings(name, crm.rate)
@@ -485,7 +494,7 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     ok = all(
-        r["phases"][p]["complete"] and r["records"]["deals"] == args.tickets
+        r["phases"][p]["complete"] and r["records"]["deals"] == tickets[r["crm"]]
         for r in results
         for p in ("new", "follow_up")
     )
