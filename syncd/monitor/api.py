@@ -64,12 +64,8 @@ def api_router(monitor: Monitor) -> APIRouter:
         return _check
 
     def event_filter(request: Request) -> queries.EventFilter:
-        params: dict[str, Any] = {}
-        for key in request.query_params:
-            values = request.query_params.getlist(key)
-            params[key] = values if key == "state" else values[-1]
         try:
-            return queries.EventFilter.from_query(params)
+            return queries.EventFilter.from_url(request.query_params)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Select, and_, false, func, or_, select, tuple_
 
@@ -57,6 +57,14 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class MultiParams(Protocol):
+    """A query string that may repeat a key (Starlette's ``QueryParams``)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def getlist(self, key: str) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,13 @@ class EventFilter:
             since=parse_time(text("since")),
             until=parse_time(text("until")),
             event_id=int(event_id) if event_id and event_id.isdigit() else None,
+        )
+
+    @classmethod
+    def from_url(cls, params: MultiParams) -> EventFilter:
+        """From a URL's query string, where ``state`` may repeat and the last value wins."""
+        return cls.from_query(
+            {k: params.getlist(k) if k == "state" else params.getlist(k)[-1] for k in params}
         )
 
     def to_query(self) -> dict[str, str]:

@@ -227,11 +227,7 @@ def ui_router(monitor: Monitor) -> APIRouter:
     # --- events -----------------------------------------------------------------------
 
     def _filter(request: Request) -> queries.EventFilter:
-        params: dict[str, Any] = {}
-        for key in request.query_params:
-            values = request.query_params.getlist(key)
-            params[key] = values if key == "state" else values[-1]
-        return queries.EventFilter.from_query(params)
+        return queries.EventFilter.from_url(request.query_params)
 
     @router.get("/events")
     async def events_page(
