@@ -263,8 +263,8 @@ async def _feed(client: httpx.AsyncClient, demo: _Demo, tickets: int) -> float:
     steps = demo.script(tickets, rng)
     for i, (what, detail) in enumerate(steps):
         if i == len(steps) // 2:
-            _say("Bitrix24 goes down for a moment (the next 15 requests fail with 503)...")
-            demo.b24.fail_next(15, 503)
+            _say("Bitrix24 goes down for 10 seconds (every request fails with 503)...")
+            demo.b24.down_for(10, 503)
         if what == "ticket":
             subject, client_id = detail
             current = ud.create_ticket(subject, rng.choice(_CLIENT_LINES), client_id=client_id)

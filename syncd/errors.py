@@ -99,6 +99,9 @@ class DeliveryError(SyncdError):
     #: True when the request may have reached the CRM (timeout after sending,
     #: connection dropped mid-response): the next attempt must look before it creates.
     outcome_unknown: bool = False
+    #: The same failed request as another delivery's error (a shared Bitrix24 batch):
+    #: the circuit breaker counts the request once, not once per delivery in it.
+    echo: bool = False
 
     def __init__(
         self,

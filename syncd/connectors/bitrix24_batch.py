@@ -172,11 +172,15 @@ class SharedBatches:
 
     @staticmethod
     def _fail(groups: list[_Group], exc: BaseException) -> None:
+        first = True
         for group in groups:
             if group.future.done():
                 continue
             # Each delivery gets its own copy: its handler may change the text or flags.
             own = copy.copy(exc) if isinstance(exc, DeliveryError) else exc
+            if isinstance(own, DeliveryError) and not first:
+                own.echo = True  # one failed request: the breaker counts it once
+            first = False
             group.future.set_exception(own)
 
     async def aclose(self) -> None:

@@ -99,6 +99,8 @@ class _Fail(Exception):
 @dataclass
 class Bitrix24Faults:
     fail_count: int = 0
+    #: Every request fails until this time (the state's clock): an outage of a given length.
+    fail_until: float = 0.0
     fail_status: int = 503
     fail_error: str | None = None
     fail_description: str | None = None
@@ -160,6 +162,14 @@ class Bitrix24State:
             self.faults.fail_status = status
             self.faults.fail_error = error
             self.faults.fail_description = description
+
+    def down_for(self, seconds: float, status: int = 503) -> None:
+        """Every API request fails with ``status`` for the next ``seconds``: an outage."""
+        with self.lock:
+            self.faults.fail_until = self.clock() + seconds
+            self.faults.fail_status = status
+            self.faults.fail_error = None
+            self.faults.fail_description = None
 
     def drop_after_commit(self, count: int, seconds: float = 2.0) -> None:
         """The next ``count`` requests that write are committed, then answered after ``seconds``."""
@@ -795,9 +805,10 @@ def create_bitrix24_emulator(
 
     def injected(oauth: bool) -> JSONResponse | None:
         f = state.faults
-        if f.fail_count <= 0:
+        if f.fail_count > 0:
+            f.fail_count -= 1
+        elif state.clock() >= f.fail_until:
             return None
-        f.fail_count -= 1
         code, description = FAULT_BODIES.get(
             f.fail_status, ("ERROR_UNEXPECTED_ANSWER", "Unexpected answer")
         )

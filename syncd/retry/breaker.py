@@ -72,7 +72,7 @@ class Breaker:
             return None
         if isinstance(error, AccessDenied):
             return self._open(destination, state, self.auth_pause, f"the CRM refused us: {error}")
-        if not error.retriable or isinstance(error, Contended):
+        if not error.retriable or isinstance(error, Contended) or error.echo:
             return None
         state.failures += 1
         if state.failures < self.failure_threshold or state.paused_until > self.clock():

@@ -119,6 +119,8 @@ async def test_a_request_failure_reaches_every_delivery_in_it() -> None:
     got = await asyncio.gather(*runs, return_exceptions=True)
     assert all(isinstance(e, ServerError) and e.outcome_unknown for e in got)
     assert got[0] is not got[1]  # each delivery owns its copy
+    # the circuit breaker is to count this one request once
+    assert [getattr(e, "echo", None) for e in got] == [False, True]
 
 
 async def test_groups_are_never_split_across_requests() -> None:

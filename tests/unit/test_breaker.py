@@ -62,3 +62,15 @@ def test_destinations_are_independent() -> None:
     for _ in range(3):
         breaker.record("a", ServerError("x"))
     assert breaker.paused() == {"a"}
+
+
+def test_one_shared_request_counts_once_however_many_deliveries_it_carried() -> None:
+    breaker, _ = make()
+    assert breaker.record("crm", ServerError("HTTP 503")) is None
+    for _ in range(5):  # the other deliveries of that same failed request
+        echo = ServerError("HTTP 503")
+        echo.echo = True
+        assert breaker.record("crm", echo) is None
+    assert breaker.paused() == set()
+    assert breaker.record("crm", ServerError("HTTP 503")) is None
+    assert breaker.record("crm", ServerError("HTTP 503")) is not None
