@@ -8,7 +8,7 @@ sampled every 50 ms from start-up until ``/api/v1/stats`` shows every delivery
 short, the figures cover the part drained and the full drain time is projected from
 the rate, and both are marked as such.
 
-Run: ``.venv/bin/python bench/memory.py [--events 100000] [--limit 80]``
+Run: ``.venv/bin/python bench/memory.py [--events 100000] [--limit 150]``
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class RssSampler(threading.Thread):
 def main() -> int:
     parser = argparse.ArgumentParser(description="Peak RSS of syncd draining a backlog.")
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--limit", type=float, default=80.0, help="seconds allowed to drain")
+    parser.add_argument("--limit", type=float, default=150.0, help="seconds allowed to drain")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--output", default=NAME, help="results name: bench/results/<output>.json")
     args = parser.parse_args()

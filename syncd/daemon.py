@@ -183,6 +183,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         poll_interval=d.poll_interval_seconds,
         install_id=store.install_id(),
         mappings={name: config.mapping_for(name) for name in config.destinations},
+        coalesce=d.coalesce,
+        coalesce_max=d.coalesce_max,
     )
     intake = build_intake(store, config, dispatcher)
     monitor = build_monitor(

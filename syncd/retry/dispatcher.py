@@ -1,15 +1,17 @@
 """The dispatcher: leases due deliveries, runs them with bounded concurrency, records outcomes.
 
 It never sleeps on a retry: a failed delivery goes back to the store with
-its next attempt time and the loop moves on. Stopping is graceful: leasing
-stops at once, running deliveries get ``grace`` seconds to finish, and
-anything still running after that keeps its lease and is reclaimed on the
-next start.
+its next attempt time and the loop moves on. A burst of events of one ticket
+waiting behind each other is sent as one delivery (``syncd.retry.coalesce``).
+Stopping is graceful: leasing stops at once, running deliveries get ``grace``
+seconds to finish, and anything still running after that keeps its lease and
+is reclaimed on the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -17,20 +19,21 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import structlog
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from syncd.connectors.base import Connector, DeliveryContext
+from syncd.connectors.base import Connector, DeliveryContext, RecordConnector
 from syncd.errors import AccessDenied, DeliveryError, MappingError, PermanentError
 from syncd.logs import redactor
-from syncd.mapping import MappingConfig, Plan, Upsert, contact_keys, plan
+from syncd.mapping import MappingConfig, Plan, Upsert, UpsertContact, contact_keys, plan
 from syncd.retry import outbox
 from syncd.retry.breaker import Breaker
-from syncd.retry.links import StoreLinkBook
+from syncd.retry.coalesce import merge_plans
+from syncd.retry.links import StoreLinkBook, claim_links, drop_unused, flush_all
 from syncd.retry.policy import Fail, Retry, RetryPolicy
 from syncd.store import Store
 from syncd.store.models import DeliveryState
@@ -39,9 +42,34 @@ from syncd.ticket import TicketEvent
 log = structlog.get_logger("syncd.dispatcher")
 
 
-def load_event(row: outbox.Leased) -> TicketEvent:
+@dataclass(frozen=True)
+class _Prepared:
+    """A leased row's plan and link book, made in the lease's transaction."""
+
+    plan: Plan
+    links: StoreLinkBook
+
+
+_Leased = tuple[outbox.Leased, _Prepared | None]
+
+
+def _record_based(connector: Connector | None) -> bool:
+    """Whether a connector runs plans record by record (RecordConnector), looking through
+    wrappers that forward to an ``inner`` connector (the metrics' timing wrapper)."""
+    while connector is not None and not isinstance(connector, RecordConnector):
+        inner = getattr(connector, "inner", None)
+        connector = inner if isinstance(inner, Connector) else None
+    return connector is not None
+
+
+def _asks_client(mapping: MappingConfig) -> bool:
+    """Whether a rule matches on the client being known, which costs a look-up."""
+    return any(rule.when.client != "any" for rule in mapping.rules)
+
+
+def load_event(payload: Mapping[str, object]) -> TicketEvent:
     try:
-        return TicketEvent.model_validate(row.payload)
+        return TicketEvent.model_validate(payload)
     except ValidationError as exc:
         raise MappingError(f"stored event does not fit the ticket model: {exc}") from None
 
@@ -61,6 +89,8 @@ class Dispatcher:
         mappings: Mapping[str, MappingConfig] | None = None,
         breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
+        coalesce: bool = True,
+        coalesce_max: int = 20,
     ) -> None:
         self.store = store
         self.connectors = connectors
@@ -72,6 +102,8 @@ class Dispatcher:
         self.install_id = install_id
         self.mappings = mappings or {}
         self.clock = clock
+        #: Most events one send may carry (1: every event goes out on its own).
+        self.coalesce_max = coalesce_max if coalesce else 1
         self.owner = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -93,11 +125,11 @@ class Dispatcher:
         at most twice the concurrency is held at a time, so leased rows never
         wait long enough for their lease to run out.
         """
-        ready: deque[outbox.Leased] = deque()
+        ready: deque[_Leased] = deque()
         try:
             while not self._stopping.is_set():
                 while ready and len(self._running) < self.concurrency:
-                    self._start(ready.popleft())
+                    self._start(*ready.popleft())
                 room = 2 * self.concurrency - len(ready) - len(self._running)
                 if room >= max(1, self.concurrency // 2):
                     self._wake.clear()
@@ -119,13 +151,32 @@ class Dispatcher:
         finally:
             if ready:
                 # Leased but never started: hand them back rather than let the lease run out.
-                ids = [row.delivery_id for row in ready]
-                await self.store.writer.run(
-                    lambda conn: outbox.release(conn, ids, owner=self.owner, now=self.clock())
-                )
+                ids = [row.delivery_id for row, _ in ready]
+                books = [prepared.links for _, prepared in ready if prepared is not None]
 
-    def _start(self, row: outbox.Leased) -> None:
-        task = asyncio.create_task(self._deliver(row))
+                def _release(conn: Connection) -> None:
+                    drop_unused(conn, books)
+                    outbox.release(conn, ids, owner=self.owner, now=self.clock())
+
+                await self.store.writer.run(_release)
+
+    async def run_once(self, limit: int | None = None) -> list[outbox.Leased]:
+        """Lease one batch and deliver all of it; returns once every outcome is committed.
+
+        For tests and one-shot tools; :meth:`run` is the daemon's loop.
+        """
+        leased = await self.store.writer.run(partial(self._lease, limit or self.batch_size))
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(row: outbox.Leased, prepared: _Prepared | None) -> None:
+            async with slots:
+                await self._deliver(row, prepared)
+
+        await asyncio.gather(*(one(row, prepared) for row, prepared in leased))
+        return [row for row, _ in leased]
+
+    def _start(self, row: outbox.Leased, prepared: _Prepared | None) -> None:
+        task = asyncio.create_task(self._deliver(row, prepared))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -142,15 +193,54 @@ class Dispatcher:
             for w in waiters:
                 w.cancel()
 
-    def _lease(self, limit: int, conn: Connection) -> list[outbox.Leased]:
-        return outbox.lease(
+    def _lease(self, limit: int, conn: Connection) -> list[_Leased]:
+        """Lease a batch and, in the same transaction, prepare what can be prepared.
+
+        For record connectors and rules that need no look-up to match, each row
+        is mapped here and its links are read and its intents claimed at once
+        (:func:`~syncd.retry.links.claim_links`), so a delivery goes straight to
+        its HTTP requests: one commit for the whole batch instead of two writer
+        round trips per delivery. Anything else is mapped when it is delivered.
+        """
+        rows = outbox.lease(
             conn,
             owner=self.owner,
             now=self.clock(),
             lease_seconds=self.lease_seconds,
             limit=limit,
             exclude=self.breaker.paused(),
+            coalesce_max=self.coalesce_max,
         )
+        plans: dict[int, Plan] = {}
+        for row in rows:
+            connector = self.connectors.get(row.destination)
+            mapping = self.mappings.get(row.destination, MappingConfig())
+            if not _record_based(connector) or _asks_client(mapping):
+                continue
+            found: Plan | None = None
+            with contextlib.suppress(Exception):
+                # On an error the row is mapped again when delivered, and the error is
+                # recorded as the attempt's outcome; here it must not sink the whole lease.
+                found = self._plan_now(row, mapping)
+            if found is not None and found.matched:
+                plans[row.delivery_id] = found
+        if not plans:
+            return [(row, None) for row in rows]
+        books = claim_links(
+            conn,
+            self.store,
+            [
+                (r.delivery_id, r.destination, plans[r.delivery_id].records())
+                for r in rows
+                if r.delivery_id in plans
+            ],
+        )
+        return [
+            (row, _Prepared(plans[row.delivery_id], books[row.delivery_id]))
+            if row.delivery_id in plans
+            else (row, None)
+            for row in rows
+        ]
 
     async def _watch_health(self, destination: str, error: DeliveryError | None) -> None:
         """Feed the breaker; show a trip (or the end of a problem) in destination_status."""
@@ -204,7 +294,7 @@ class Dispatcher:
             await asyncio.wait(pending, timeout=1.0)
         return len(pending)
 
-    async def _deliver(self, row: outbox.Leased) -> None:
+    async def _deliver(self, row: outbox.Leased, prepared: _Prepared | None = None) -> None:
         bound = log.bind(
             event_id=row.event_id,
             delivery_id=row.delivery_id,
@@ -212,6 +302,8 @@ class Dispatcher:
             destination=row.destination,
             attempt=row.attempt,
         )
+        if row.folded:
+            bound = bound.bind(carries=[f.delivery_id for f in row.folded])
         started = self.clock()
         t0 = time.perf_counter()
         error: DeliveryError | None = None
@@ -220,11 +312,14 @@ class Dispatcher:
             connector = self.connectors.get(row.destination)
             if connector is None:
                 raise PermanentError(f"destination {row.destination!r} is not configured")
-            links = StoreLinkBook(self.store, row.destination, row.delivery_id)
-            try:
-                plan = await self._plan(row, connector, links)
-            except MappingError as exc:
-                raise PermanentError(f"mapping failed: {exc}") from None
+            if prepared is not None:
+                links, plan = prepared.links, prepared.plan
+            else:
+                links = StoreLinkBook(self.store, row.destination, row.delivery_id)
+                try:
+                    plan = await self._plan(row, connector, links)
+                except MappingError as exc:
+                    raise PermanentError(f"mapping failed: {exc}") from None
             if not plan.matched:
                 mapping = self.mappings.get(row.destination, MappingConfig())
                 if mapping.unmatched == "fail":
@@ -278,9 +373,7 @@ class Dispatcher:
         batch, self._outcomes = self._outcomes, []
 
         def _write(conn: Connection) -> int:
-            for _, links, _ in batch:
-                if links is not None:
-                    links.flush(conn)
+            flush_all(conn, [links for _, links, _ in batch if links is not None])
             return outbox.complete(conn, [o for o, _, _ in batch], self.clock())
 
         try:
@@ -295,13 +388,45 @@ class Dispatcher:
                 future.set_result(None)
 
     async def _plan(self, row: outbox.Leased, connector: Connector, links: StoreLinkBook) -> Plan:
-        """Map with the current config, so a fixed rule applies to a resent event."""
-        event = load_event(row)
+        """Map with the current config, so a fixed rule applies to a resent event.
+
+        A carrier maps each of its events on its own, as if they went out one by
+        one, then folds the plans into one.
+        """
         mapping = self.mappings.get(row.destination, MappingConfig())
-        client_exists: bool | None = None
-        if any(rule.when.client != "any" for rule in mapping.rules):
-            client_exists = await self._client_exists(event, connector, links)
-        return plan(event, mapping, event_id=row.event_id, client_exists=client_exists)
+        if not _asks_client(mapping):
+            return self._plan_now(row, mapping)
+        items = [(row.event_id, row.payload), *((f.event_id, f.payload) for f in row.folded)]
+        plans: list[Plan] = []
+        contacts: set[str] = set()  # made or updated by an earlier event of this send
+        for event_id, payload in items:
+            event = load_event(payload)
+            key, _ = contact_keys(event)
+            if key is not None and key in contacts:
+                client_exists = True
+            else:
+                client_exists = await self._client_exists(event, connector, links)
+            one = plan(event, mapping, event_id=event_id, client_exists=client_exists)
+            if row.folded and not one.matched and mapping.unmatched == "fail":
+                raise PermanentError(
+                    f"no mapping rule matched event {event_id}: " + " | ".join(one.reasons)
+                )
+            contacts.update(op.key for op in one.operations if isinstance(op, UpsertContact))
+            plans.append(one)
+        return merge_plans(plans)
+
+    def _plan_now(self, row: outbox.Leased, mapping: MappingConfig) -> Plan:
+        """:meth:`_plan` for rules that need no look-up to match: pure, runs anywhere."""
+        plans: list[Plan] = []
+        items = [(row.event_id, row.payload), *((f.event_id, f.payload) for f in row.folded)]
+        for event_id, payload in items:
+            one = plan(load_event(payload), mapping, event_id=event_id)
+            if row.folded and not one.matched and mapping.unmatched == "fail":
+                raise PermanentError(
+                    f"no mapping rule matched event {event_id}: " + " | ".join(one.reasons)
+                )
+            plans.append(one)
+        return merge_plans(plans)
 
     async def _client_exists(
         self, event: TicketEvent, connector: Connector, links: StoreLinkBook
@@ -336,6 +461,7 @@ class Dispatcher:
             started_at=started,
             duration_ms=duration_ms,
             first_failed_at=row.first_failed_at,
+            folded=tuple(f.delivery_id for f in row.folded),
         )
         if error is None:
             return base
@@ -352,6 +478,19 @@ class Dispatcher:
             deadline = first_failed_at + self.policy.window
             if now < deadline:
                 decision = Retry(at=min(paused_until, deadline))
+        if isinstance(decision, Fail) and row.folded:
+            # Refused, but maybe for one of the events it carried. Blame none of them:
+            # this one is tried again on its own at once, the others go back to the queue.
+            return replace(
+                failed,
+                state=DeliveryState.RETRY_WAIT,
+                error=redactor.clean(
+                    f"{error} (sent together with {len(row.folded)} later event(s) of the "
+                    "ticket; now tried alone, and those go out after it)"
+                ),
+                next_attempt_at=now,
+                unfold=True,
+            )
         if isinstance(decision, Retry):
             return replace(
                 failed,

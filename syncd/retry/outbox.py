@@ -5,10 +5,22 @@
        │                  │ ├─permanent──▶ failed
        └──lease expired───┘ └─window shut─▶ expired
 
+    pending (folded into a carrier) ──carrier delivered──▶ coalesced
+
 A delivery is leasable when ``next_attempt_at`` is due and no older delivery
 of the same (destination, ordering_key) is still active, so one ticket's
 events reach the CRM in order while other tickets flow past a ticket that
 is waiting on a retry.
+
+Coalescing: when the head of a ticket's queue is leased for its first attempt,
+the pending deliveries waiting right behind it may be *folded* into it (up to
+``coalesce_max`` in all). They stay ``pending`` with ``coalesced_into`` set to
+the head (the *carrier*), and ordering keeps them from being leased on their
+own. The carrier sends all of their changes in one go. Only when it is
+delivered do they become ``coalesced``, each with an attempt row naming the
+carrier. If the carrier fails or expires they are released (``coalesced_into``
+cleared) and go out on their own later; a retry or a lost lease keeps the fold,
+so every attempt of a carrier sends the same set.
 """
 
 from __future__ import annotations
@@ -16,13 +28,13 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 
 from syncd.events import IncomingEvent
-from syncd.store.dialect import insert_ignore_id, upsert
+from syncd.store.dialect import fetch, in_list, run, run_many, skip_locked, upsert
 from syncd.store.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -42,6 +54,27 @@ class Enqueued:
 
 
 @dataclass(frozen=True)
+class Folded:
+    """A later event of the leased delivery's ticket, carried along with it."""
+
+    delivery_id: int
+    event_id: int
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    id: int
+    destination: str
+    ordering_key: str
+    state: str
+    attempts: int
+    outcome_unknown: bool
+    coalesced_into: int | None
+
+
+@dataclass(frozen=True)
 class Leased:
     delivery_id: int
     event_id: int
@@ -53,6 +86,9 @@ class Leased:
     ticket_id: str
     kind: str
     payload: dict[str, Any]
+    #: Deliveries folded into this one (oldest first); its send carries their changes.
+    folded: tuple[Folded, ...] = ()
+    ordering_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +106,10 @@ class Outcome:
     next_attempt_at: float | None = None
     first_failed_at: float | None = None
     trigger: str = "scheduled"
+    #: Deliveries this attempt carried (see :class:`Folded`).
+    folded: tuple[int, ...] = ()
+    #: Release the folded deliveries even though this one will be retried.
+    unfold: bool = False
 
     @property
     def label(self) -> str:
@@ -79,7 +119,69 @@ class Outcome:
             DeliveryState.RETRY_WAIT: "retry_scheduled",
             DeliveryState.FAILED: "failed",
             DeliveryState.EXPIRED: "expired",
+            DeliveryState.COALESCED: "coalesced",
         }.get(self.state, str(self.state))
+
+
+# --- the hot paths, as prebuilt SQL (see syncd.store.dialect.fetch) --------------------------
+
+_ACTIVE = "('pending', 'in_flight', 'retry_wait')"
+
+_INSERT_EVENT = (
+    "INSERT INTO events (source, ticket_id, kind, dedup_key, payload, received_at, occurred_at,"
+    " recovered_by_poll, client_email, client_phone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (source, dedup_key) DO NOTHING RETURNING id"
+)
+_EXISTING_EVENT = "SELECT id FROM events WHERE source = ? AND dedup_key = ?"
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (event_id, destination, source, ordering_key, state, attempts,"
+    " next_attempt_at, outcome_unknown, created_at, updated_at)"
+    " VALUES (?, ?, ?, ?, 'pending', 0, ?, FALSE, ?, ?)"
+)
+#: Due deliveries that head their ticket's queue: no older one of the same
+#: (destination, ordering_key) is still active.
+_PICK = (
+    "SELECT d.id FROM deliveries d WHERE d.next_attempt_at <= ?{exclude}"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.destination = d.destination"
+    " AND e.ordering_key = d.ordering_key AND e.id < d.id AND e.state IN " + _ACTIVE + ")"
+    " ORDER BY d.next_attempt_at, d.id LIMIT ?{lock}"
+)
+_CLAIM = (
+    "UPDATE deliveries SET state = 'in_flight', attempts = attempts + 1,"
+    " next_attempt_at = NULL, lease_owner = ?, lease_expires_at = ?, coalesced_into = NULL,"
+    " updated_at = ? WHERE id IN {ids} AND next_attempt_at IS NOT NULL"
+)
+_CLAIMED = (
+    "SELECT d.id, d.event_id, d.destination, d.ordering_key, d.attempts, d.first_failed_at,"
+    " d.outcome_unknown, e.source, e.ticket_id, e.kind, e.payload"
+    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+    " WHERE d.id IN {ids} AND d.lease_owner = ? ORDER BY d.id"
+)
+#: The first ``most`` waiting deliveries of each of these tickets, by id.
+_BEHIND = (
+    "SELECT id, destination, ordering_key, state, attempts, outcome_unknown, coalesced_into"
+    " FROM (SELECT id, destination, ordering_key, state, attempts, outcome_unknown,"
+    " coalesced_into, ROW_NUMBER() OVER (PARTITION BY destination, ordering_key ORDER BY id)"
+    " AS place FROM deliveries WHERE destination IN {dests} AND ordering_key IN {keys}"
+    " AND id > ? AND state IN ('pending', 'retry_wait')) ranked"
+    " WHERE place <= ? ORDER BY id"
+)
+_FOLDED = (
+    "SELECT d.id, d.event_id, e.kind, e.payload FROM deliveries d"
+    " JOIN events e ON e.id = d.event_id WHERE d.id IN {ids}"
+)
+_INSERT_ATTEMPT = (
+    'INSERT INTO attempts (delivery_id, number, "trigger", started_at, duration_ms,'
+    " status_code, outcome, error, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Lands only while the reporter still holds the lease.
+_FINISH = (
+    "UPDATE deliveries SET state = ?, next_attempt_at = ?, first_failed_at = ?, last_error = ?,"
+    " last_status_code = ?, finished_at = ?, outcome_unknown = FALSE, lease_owner = NULL,"
+    " lease_expires_at = NULL, updated_at = ? WHERE id = ? AND lease_owner = ?"
+    " AND state = 'in_flight'"
+)
+_FINISHED = (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED)
 
 
 def ordering_key(source: str, ticket_id: str) -> str:
@@ -87,56 +189,39 @@ def ordering_key(source: str, ticket_id: str) -> str:
 
 
 def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
-    """Store an event and one pending delivery per destination, unless already stored."""
-    values = {
-        "source": event.source,
-        "ticket_id": event.ticket_id,
-        "kind": event.kind,
-        "dedup_key": event.dedup_key,
-        "payload": json.dumps(event.payload, ensure_ascii=False, separators=(",", ":")),
-        "received_at": now,
-        "occurred_at": event.occurred_at,
-        "recovered_by_poll": event.recovered_by_poll,
-        "client_email": event.client_email,
-        "client_phone": event.client_phone,
-    }
-    if event.dedup_key is None:
-        key = conn.execute(events.insert().values(**values)).inserted_primary_key
-        assert key is not None
-        event_id = int(key[0])
+    """Store an event and one pending delivery per destination, unless already stored.
+
+    One statement whether the event is new or seen before (a NULL ``dedup_key``
+    never conflicts), and safe against a replica storing the same event at once.
+    """
+    payload = json.dumps(event.payload, ensure_ascii=False, separators=(",", ":"))
+    inserted = fetch(
+        conn,
+        _INSERT_EVENT,
+        (
+            event.source,
+            event.ticket_id,
+            event.kind,
+            event.dedup_key,
+            payload,
+            now,
+            event.occurred_at,
+            event.recovered_by_poll,
+            event.client_email,
+            event.client_phone,
+        ),
+    )
+    if not inserted:
+        [(existing,)] = fetch(conn, _EXISTING_EVENT, (event.source, event.dedup_key))
+        return Enqueued(event_id=int(existing), deliveries=0, duplicate=True)
+    event_id = int(inserted[0][0])
+    key = ordering_key(event.source, event.ticket_id)
+    rows = [(event_id, dest, event.source, key, now, now, now) for dest in event.destinations]
+    if len(rows) == 1:
+        run(conn, _INSERT_DELIVERY, rows[0])
     else:
-        # One statement whether new or seen before (and safe against a replica racing us).
-        new_id = insert_ignore_id(conn, events, values, ("source", "dedup_key"))
-        if new_id is None:
-            existing = _existing(conn, event.source, event.dedup_key)
-            assert existing is not None
-            return Enqueued(event_id=existing, deliveries=0, duplicate=True)
-        event_id = new_id
-    rows = [
-        {
-            "event_id": event_id,
-            "destination": dest,
-            "source": event.source,
-            "ordering_key": ordering_key(event.source, event.ticket_id),
-            "state": DeliveryState.PENDING.value,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "outcome_unknown": False,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for dest in event.destinations
-    ]
-    if rows:
-        conn.execute(deliveries.insert(), rows)
+        run_many(conn, _INSERT_DELIVERY, rows)
     return Enqueued(event_id=event_id, deliveries=len(rows))
-
-
-def _existing(conn: Connection, source: str, dedup_key: str) -> int | None:
-    found = conn.execute(
-        select(events.c.id).where(events.c.source == source, events.c.dedup_key == dedup_key)
-    ).scalar()
-    return None if found is None else int(found)
 
 
 def lease(
@@ -147,73 +232,123 @@ def lease(
     lease_seconds: float,
     limit: int,
     exclude: Collection[str] = (),
+    coalesce_max: int = 1,
 ) -> list[Leased]:
-    """Claim up to ``limit`` due deliveries that head their ticket's queue."""
-    d = deliveries
-    earlier = deliveries.alias("earlier")
-    blocked = exists().where(
-        earlier.c.destination == d.c.destination,
-        earlier.c.ordering_key == d.c.ordering_key,
-        earlier.c.id < d.c.id,
-        earlier.c.state.in_([s.value for s in ACTIVE_STATES]),
-    )
-    query = (
-        select(d.c.id)
-        .where(d.c.next_attempt_at <= now, ~blocked)
-        .order_by(d.c.next_attempt_at, d.c.id)
-        .limit(limit)
-    )
+    """Claim up to ``limit`` due deliveries that head their ticket's queue.
+
+    With ``coalesce_max`` > 1, each may carry pending deliveries of its ticket
+    (up to ``coalesce_max`` events in all; see the module docstring).
+    """
+    exclude_sql, exclude_params = "", list[str]()
     if exclude:
         # Destinations whose circuit breaker is open wait; the others flow past them.
-        query = query.where(d.c.destination.not_in(list(exclude)))
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=d)
-    ids = list(conn.execute(query).scalars())
+        marks_sql, exclude_params = in_list(sorted(exclude))
+        exclude_sql = f" AND d.destination NOT IN {marks_sql}"
+    pick = _PICK.format(exclude=exclude_sql, lock=skip_locked(conn, "d"))
+    ids = [r[0] for r in fetch(conn, pick, (now, *exclude_params, limit))]
     if not ids:
         return []
-    conn.execute(
-        update(d)
-        .where(d.c.id.in_(ids), d.c.next_attempt_at.is_not(None))
-        .values(
-            state=DeliveryState.IN_FLIGHT.value,
-            attempts=d.c.attempts + 1,
-            next_attempt_at=None,
-            lease_owner=owner,
-            lease_expires_at=now + lease_seconds,
-            updated_at=now,
-        )
-    )
-    rows = conn.execute(
-        select(
-            d.c.id,
-            d.c.event_id,
-            d.c.destination,
-            d.c.attempts,
-            d.c.first_failed_at,
-            d.c.outcome_unknown,
-            events.c.source,
-            events.c.ticket_id,
-            events.c.kind,
-            events.c.payload,
-        )
-        .join(events, events.c.id == d.c.event_id)
-        .where(d.c.id.in_(ids), d.c.lease_owner == owner)
-        .order_by(d.c.id)
-    )
-    return [
+    marks_sql, id_params = in_list(ids)
+    run(conn, _CLAIM.format(ids=marks_sql), (owner, now + lease_seconds, now, *id_params))
+    rows = fetch(conn, _CLAIMED.format(ids=marks_sql), (*id_params, owner))
+    heads = [
         Leased(
-            delivery_id=r.id,
-            event_id=r.event_id,
-            destination=r.destination,
-            attempt=r.attempts,
-            first_failed_at=r.first_failed_at,
-            outcome_unknown=bool(r.outcome_unknown),
-            source=r.source,
-            ticket_id=r.ticket_id,
-            kind=r.kind,
-            payload=json.loads(r.payload),
+            delivery_id=did,
+            event_id=event_id,
+            destination=dest,
+            attempt=tries,
+            first_failed_at=first_failed_at,
+            outcome_unknown=bool(unknown),
+            source=source,
+            ticket_id=ticket_id,
+            kind=kind,
+            payload=json.loads(payload),
+            ordering_key=okey,
         )
-        for r in rows
+        for (
+            did,
+            event_id,
+            dest,
+            okey,
+            tries,
+            first_failed_at,
+            unknown,
+            source,
+            ticket_id,
+            kind,
+            payload,
+        ) in rows
+    ]
+    if coalesce_max > 1:
+        heads = _fold(conn, heads, most=coalesce_max - 1)
+    return heads
+
+
+def _fold(conn: Connection, heads: list[Leased], *, most: int) -> list[Leased]:
+    """Attach to each leased head the waiting deliveries of its ticket that it carries.
+
+    A head on its first attempt takes the unbroken run of fresh pending
+    deliveries right behind it (up to ``most``) and marks them with
+    ``coalesced_into``. A head tried before carries exactly what it already
+    marked, so every attempt of a carrier sends the same operations under the
+    same idempotency keys.
+    """
+    d = deliveries
+    dests_sql, dests = in_list(sorted({h.destination for h in heads}))
+    keys_sql, keys = in_list(sorted({h.ordering_key for h in heads}))
+    behind: dict[tuple[str, str], list[_Waiting]] = defaultdict(list)
+    for row in fetch(
+        conn,
+        _BEHIND.format(dests=dests_sql, keys=keys_sql),
+        (*dests, *keys, min(h.delivery_id for h in heads), most),
+    ):
+        waiting = _Waiting(*row)
+        behind[(waiting.destination, waiting.ordering_key)].append(waiting)
+    if not behind:
+        return heads
+
+    claims: list[dict[str, int]] = []
+    carried: dict[int, list[int]] = {}
+    for head in heads:
+        fresh = head.attempt == 1 and not head.outcome_unknown
+        ids: list[int] = []
+        for r in behind.get((head.destination, head.ordering_key), ()):
+            if r.id < head.delivery_id:
+                continue
+            ours = r.coalesced_into == head.delivery_id
+            free = fresh and r.coalesced_into is None
+            usable = r.state == DeliveryState.PENDING.value and r.attempts == 0
+            if not usable or r.outcome_unknown or not (ours or free):
+                break  # the run ends: what follows waits for its own turn
+            ids.append(r.id)
+            if not ours:
+                claims.append({"b_id": r.id, "b_into": head.delivery_id})
+        if ids:
+            carried[head.delivery_id] = ids
+    if not carried:
+        return heads
+    if claims:
+        conn.execute(
+            update(d)
+            .where(
+                d.c.id == bindparam("b_id"),
+                d.c.state == DeliveryState.PENDING.value,
+                d.c.coalesced_into.is_(None),
+            )
+            .values(coalesced_into=bindparam("b_into"))
+            .execution_options(synchronize_session=False),
+            claims,
+        )
+    ids_sql, all_ids = in_list([i for ids in carried.values() for i in ids])
+    found = {
+        did: Folded(delivery_id=did, event_id=event_id, kind=kind, payload=json.loads(payload))
+        for did, event_id, kind, payload in fetch(conn, _FOLDED.format(ids=ids_sql), all_ids)
+    }
+    return [
+        replace(h, folded=tuple(found[i] for i in carried[h.delivery_id] if i in found))
+        if h.delivery_id in carried
+        else h
+        for h in heads
     ]
 
 
@@ -225,61 +360,111 @@ def complete(conn: Connection, outcomes: Sequence[Outcome], now: float) -> int:
     """
     if not outcomes:
         return 0
-    conn.execute(
-        attempts.insert(),
+    run_many(
+        conn,
+        _INSERT_ATTEMPT,
         [
-            {
-                "delivery_id": o.delivery_id,
-                "number": o.attempt,
-                "trigger": o.trigger,
-                "started_at": o.started_at,
-                "duration_ms": o.duration_ms,
-                "status_code": o.status_code,
-                "outcome": o.label,
-                "error": o.error,
-                "next_attempt_at": o.next_attempt_at,
-            }
+            (
+                o.delivery_id,
+                o.attempt,
+                o.trigger,
+                o.started_at,
+                o.duration_ms,
+                o.status_code,
+                o.label,
+                o.error,
+                o.next_attempt_at,
+            )
             for o in outcomes
         ],
     )
-    stmt = (
-        update(deliveries)
-        .where(
-            deliveries.c.id == bindparam("b_id"),
-            deliveries.c.lease_owner == bindparam("b_owner"),
-            deliveries.c.state == DeliveryState.IN_FLIGHT.value,
-        )
-        .values(
-            state=bindparam("b_state"),
-            next_attempt_at=bindparam("b_next"),
-            first_failed_at=bindparam("b_first_failed"),
-            last_error=bindparam("b_error"),
-            last_status_code=bindparam("b_status"),
-            finished_at=bindparam("b_finished"),
-            outcome_unknown=bindparam("b_unknown"),
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
     params = [
-        {
-            "b_id": o.delivery_id,
-            "b_owner": o.lease_owner,
-            "b_state": o.state.value,
-            "b_next": o.next_attempt_at if o.state == DeliveryState.RETRY_WAIT else None,
-            "b_first_failed": o.first_failed_at,
-            "b_error": o.error,
-            "b_status": o.status_code,
-            "b_finished": now
-            if o.state in (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.EXPIRED)
-            else None,
-            "b_unknown": False,
-        }
+        (
+            o.state.value,
+            o.next_attempt_at if o.state == DeliveryState.RETRY_WAIT else None,
+            o.first_failed_at,
+            o.error,
+            o.status_code,
+            now if o.state in _FINISHED else None,
+            now,
+            o.delivery_id,
+            o.lease_owner,
+        )
         for o in outcomes
     ]
-    result = conn.execute(stmt, params)
+    plain = [p for p, o in zip(params, outcomes, strict=True) if not o.folded]
+    landed = run_many(conn, _FINISH, plain)
+    for p, o in zip(params, outcomes, strict=True):
+        # One at a time: what happens to the folded rows depends on this one landing.
+        if o.folded and run(conn, _FINISH, p):
+            landed += 1
+            _settle_folded(conn, o, now)
+    return landed
+
+
+def _settle_folded(conn: Connection, carrier: Outcome, now: float) -> None:
+    """The carrier's attempt is recorded; now its folded deliveries follow it."""
+    d = deliveries
+    reserved = and_(
+        d.c.coalesced_into == carrier.delivery_id, d.c.state == DeliveryState.PENDING.value
+    )
+    if carrier.state == DeliveryState.DELIVERED:
+        rows = conn.execute(
+            select(d.c.id, d.c.attempts).where(reserved, d.c.id.in_(carrier.folded))
+        ).all()
+        if not rows:
+            return
+        conn.execute(
+            update(d)
+            .where(reserved, d.c.id.in_([r.id for r in rows]))
+            .values(
+                state=DeliveryState.COALESCED.value,
+                attempts=d.c.attempts + 1,
+                next_attempt_at=None,
+                last_error=None,
+                last_status_code=carrier.status_code,
+                finished_at=now,
+                updated_at=now,
+            )
+        )
+        note = f"carried by delivery {carrier.delivery_id} (its attempt {carrier.attempt})"
+        conn.execute(
+            attempts.insert(),
+            [
+                {
+                    "delivery_id": r.id,
+                    "number": r.attempts + 1,
+                    "trigger": carrier.trigger,
+                    "started_at": carrier.started_at,
+                    "duration_ms": carrier.duration_ms,
+                    "status_code": carrier.status_code,
+                    "outcome": "coalesced",
+                    "error": note,
+                    "next_attempt_at": None,
+                }
+                for r in rows
+            ],
+        )
+    elif carrier.state != DeliveryState.RETRY_WAIT or carrier.unfold:
+        why = {
+            DeliveryState.FAILED: "failed",
+            DeliveryState.EXPIRED: "expired",
+        }.get(carrier.state, "was refused and is tried again on its own")
+        _release_folded(conn, [carrier.delivery_id], now, why)
+
+
+def _release_folded(conn: Connection, carriers: Sequence[int], now: float, why: str) -> int:
+    """Return the deliveries folded into ``carriers`` to the queue, to go out on their own."""
+    d = deliveries
+    result = conn.execute(
+        update(d)
+        .where(d.c.coalesced_into.in_(list(carriers)), d.c.state == DeliveryState.PENDING.value)
+        .values(
+            coalesced_into=None,
+            last_error=f"returned to the queue: the delivery that carried it {why}",
+            updated_at=now,
+        )
+    )
     return int(result.rowcount or 0)
 
 
@@ -323,6 +508,7 @@ def resend(conn: Connection, delivery_ids: Sequence[int], now: float) -> int:
             finished_at=None,
             lease_owner=None,
             lease_expires_at=None,
+            coalesced_into=None,
             updated_at=now,
         )
     )
@@ -403,13 +589,17 @@ def expire_overdue(conn: Connection, now: float, *, window: float, grace: float)
     the safety net for deliveries that never got that final attempt.
     """
     d = deliveries
+    overdue = and_(
+        d.c.state == DeliveryState.RETRY_WAIT.value,
+        d.c.first_failed_at.is_not(None),
+        d.c.first_failed_at + window + grace < now,
+    )
+    ids = list(conn.execute(select(d.c.id).where(overdue)).scalars())
+    if not ids:
+        return 0
     result = conn.execute(
         update(d)
-        .where(
-            d.c.state == DeliveryState.RETRY_WAIT.value,
-            d.c.first_failed_at.is_not(None),
-            d.c.first_failed_at + window + grace < now,
-        )
+        .where(d.c.id.in_(ids), overdue)
         .values(
             state=DeliveryState.EXPIRED.value,
             next_attempt_at=None,
@@ -417,17 +607,17 @@ def expire_overdue(conn: Connection, now: float, *, window: float, grace: float)
             updated_at=now,
         )
     )
+    _release_folded(conn, ids, now, "expired")
     return int(result.rowcount or 0)
 
 
 def purge_delivered(conn: Connection, before: float, *, limit: int = 5000) -> int:
-    """Delete delivered rows older than ``before`` (and events left with no deliveries)."""
+    """Delete delivered (and coalesced) rows older than ``before``, and orphaned events."""
     d = deliveries
+    done = [DeliveryState.DELIVERED.value, DeliveryState.COALESCED.value]
     ids = list(
         conn.execute(
-            select(d.c.id)
-            .where(d.c.state == DeliveryState.DELIVERED.value, d.c.finished_at < before)
-            .limit(limit)
+            select(d.c.id).where(d.c.state.in_(done), d.c.finished_at < before).limit(limit)
         ).scalars()
     )
     if not ids:

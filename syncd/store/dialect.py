@@ -65,3 +65,73 @@ def upsert(
         index_elements=list(conflict), set_={name: stmt.excluded[name] for name in update}
     )
     conn.execute(stmt)
+
+
+# --- prebuilt SQL on the driver's own cursor ---------------------------------------------
+#
+# The hot paths (intake's insert, lease, outcomes, links) run a handful of fixed
+# statements thousands of times a second. Built and compiled through SQLAlchemy on
+# every call they cost far more CPU than the database spends running them, so they
+# are written once as plain SQL that SQLite and PostgreSQL both accept, with ``?``
+# placeholders, and run on the DBAPI connection inside SQLAlchemy's transaction.
+# Only the placeholder style differs (psycopg wants ``%s``); anything else that
+# differs between the two comes from a helper here.
+
+_PG_TEXT: dict[str, str] = {}
+
+
+def _text(conn: Connection, sql: str) -> str:
+    if conn.dialect.name == "sqlite":
+        return sql
+    found = _PG_TEXT.get(sql)
+    if found is None:
+        found = _PG_TEXT[sql] = sql.replace("?", "%s")
+    return found
+
+
+def _driver(conn: Connection) -> Any:
+    return conn.connection.driver_connection
+
+
+def fetch(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a prebuilt statement, run in ``conn``'s transaction."""
+    return list(_driver(conn).execute(_text(conn, sql), params).fetchall())
+
+
+def run(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    """Run a prebuilt statement in ``conn``'s transaction; returns the rows it changed."""
+    return int(_driver(conn).execute(_text(conn, sql), params).rowcount)
+
+
+def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    """One prebuilt statement for many rows; returns the rows changed in all."""
+    if not rows:
+        return 0
+    cursor = _driver(conn).cursor()
+    try:
+        cursor.executemany(_text(conn, sql), rows)
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def in_list(values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """``(?, ?, ?, ?)`` and its parameters, for ``IN`` with ``values`` (not empty).
+
+    The list is padded to a power of two by repeating its last value, which does
+    not change what ``IN`` matches but keeps the number of distinct statements
+    small, so the driver's statement cache holds them all.
+    """
+    size = 1
+    while size < len(values):
+        size *= 2
+    params = [*values, *([values[-1]] * (size - len(values)))]
+    return "(" + ", ".join("?" * size) + ")", params
+
+
+def skip_locked(conn: Connection, table: str) -> str:
+    """Suffix that makes a claiming SELECT skip rows another worker holds (PostgreSQL).
+
+    SQLite has one writer at a time, so there is nothing to skip.
+    """
+    return f" FOR UPDATE OF {table} SKIP LOCKED" if conn.dialect.name == "postgresql" else ""

@@ -35,19 +35,32 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+_Answer = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
 def _notify(job: _Job, result: Any, error: BaseException | None) -> None:
-    # A closed loop means the caller is gone; the write itself stands (or failed) regardless.
-    with contextlib.suppress(RuntimeError):
-        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+    _notify_all([(job, result, error)])
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _notify_all(answers: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    """Hand results back with one wake-up per event loop, not one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
+    for job, result, error in answers:
+        by_loop.setdefault(job.loop, []).append((job.future, result, error))
+    for loop, batch in by_loop.items():
+        # A closed loop means the caller is gone; the write itself stands (or failed) regardless.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_all, batch)
+
+
+def _resolve_all(batch: list[_Answer]) -> None:
+    for future, result, error in batch:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 class StoreWriter:
@@ -115,8 +128,7 @@ class StoreWriter:
             for job in batch:
                 self._commit_one(job)
             return
-        for job, result in zip(batch, results, strict=True):
-            _notify(job, result, None)
+        _notify_all([(job, result, None) for job, result in zip(batch, results, strict=True)])
 
     def _commit_one(self, job: _Job) -> None:
         try:

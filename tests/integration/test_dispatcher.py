@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from functools import partial
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -16,10 +18,11 @@ from syncd.events import IncomingEvent
 from syncd.mapping import MappingConfig
 from syncd.retry import outbox
 from syncd.retry.dispatcher import Dispatcher
+from syncd.retry.links import drop_unused
 from syncd.retry.policy import RetryPolicy
 from syncd.store import Store
-from syncd.store.models import attempts
-from syncd.ticket import EventKind, TicketEvent, make_client
+from syncd.store.models import attempts, deliveries
+from syncd.ticket import Comment, EventKind, TicketEvent, make_client
 
 
 @pytest.fixture
@@ -234,3 +237,130 @@ async def test_blocked_account_pauses_the_destination_and_loses_nothing(store: S
         await task
         await connector.aclose()
         server.stop()
+
+
+def linked(store: Store) -> list[tuple[str, str | None]]:
+    from syncd.store.models import links
+
+    with store.read_engine.connect() as conn:
+        return sorted((r.entity, r.crm_id) for r in conn.execute(select(links)))
+
+
+async def test_intents_claimed_at_lease_but_never_used_are_dropped(
+    store: Store, sink: tuple[ServerThread, SinkState]
+) -> None:
+    """The lease claims the intents of a whole plan at once. When the first request fails
+    the other creates are never sent, and their intents go with the attempt's outcome."""
+    server, state = sink
+    ticket = TicketEvent.model_validate(new_ticket("3").payload).model_copy(
+        update={"comment": Comment(text="hello")}
+    )
+    store.write_sync(
+        lambda c: outbox.enqueue(c, IncomingEvent.from_ticket_event(ticket, ("crm",)), time.time())
+    )
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    now = [time.time()]
+    dispatcher = Dispatcher(
+        store,
+        {"crm": connector},
+        RetryPolicy(schedule=(5.0,), jitter=0, overload_floor=0),
+        mappings={"crm": MappingConfig()},
+        clock=lambda: now[0],
+    )
+    leased = store.write_sync(partial(dispatcher._lease, 10))
+    assert linked(store) == [("contact", None), ("deal", None), ("note", None)]
+    store.write_sync(
+        lambda c: outbox.release(
+            c, [r.delivery_id for r, _ in leased], owner=dispatcher.owner, now=now[0]
+        )
+    )
+    store.write_sync(lambda c: drop_unused(c, [p.links for _, p in leased if p is not None]))
+    assert linked(store) == []  # released unstarted: nothing was sent, nothing is claimed
+
+    state.faults = Faults(fail_count=1, fail_status=503)  # the contact's look-up
+    [first] = await dispatcher.run_once()
+    assert state.records == {} and linked(store) == []
+
+    now[0] += 10
+    lookups = state.lookups
+    [second] = await dispatcher.run_once()
+    await connector.aclose()
+    assert second.delivery_id == first.delivery_id and second.attempt == 2
+    assert state.lookups - lookups == 1  # only the contact's usual look-up before creating
+    assert sorted(r["entity"] for r in state.records.values()) == ["contact", "deal", "note"]
+    assert state.duplicate_creates() == {}
+
+
+async def test_intents_left_by_a_crash_make_the_retry_look_first(
+    store: Store, sink: tuple[ServerThread, SinkState]
+) -> None:
+    """A lease whose worker dies keeps its claimed intents: the next attempt cannot know
+    whether the creates went out, so it looks each record up before creating it."""
+    server, state = sink
+    ticket = TicketEvent.model_validate(new_ticket("4").payload).model_copy(
+        update={"comment": Comment(text="hello")}
+    )
+    store.write_sync(
+        lambda c: outbox.enqueue(c, IncomingEvent.from_ticket_event(ticket, ("crm",)), time.time())
+    )
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    now = [time.time()]
+    dispatcher = Dispatcher(
+        store,
+        {"crm": connector},
+        RetryPolicy(),
+        mappings={"crm": MappingConfig()},
+        lease_seconds=60,
+        clock=lambda: now[0],
+    )
+    store.write_sync(partial(dispatcher._lease, 10))  # leased and claimed, then the crash
+    now[0] += 61
+    assert store.write_sync(lambda c: outbox.recover_leases(c, now[0])) == 1
+    lookups = state.lookups
+    [again] = await dispatcher.run_once()
+    await connector.aclose()
+    assert again.outcome_unknown and again.attempt == 2
+    assert state.lookups - lookups == 3  # contact, deal and note each looked up first
+    assert sorted(r["entity"] for r in state.records.values()) == ["contact", "deal", "note"]
+    assert state.duplicate_creates() == {}
+    assert all(crm_id is not None for _, crm_id in linked(store))
+
+
+async def test_a_row_that_cannot_be_mapped_does_not_stop_its_batch(
+    store: Store, sink: tuple[ServerThread, SinkState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mapping runs inside the lease's transaction; a row whose mapping blows up (a bug,
+    not a rule) must not sink the lease of the rows leased with it."""
+    server, state = sink
+    for ticket in ("good", "bad"):
+        store.write_sync(
+            lambda c, t=ticket: outbox.enqueue(c, new_ticket(t, client_id=t), time.time())
+        )
+    connector = RestConnector("crm", RestSettings(base_url=server.url), timeout=5)
+    dispatcher = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), mappings={"crm": MappingConfig()}
+    )
+    real = dispatcher._plan_now
+
+    def flaky(row: outbox.Leased, mapping: MappingConfig) -> Any:
+        if row.ticket_id == "bad":
+            raise RuntimeError("bug in a template filter")
+        return real(row, mapping)
+
+    monkeypatch.setattr(dispatcher, "_plan_now", flaky)
+    leased = await dispatcher.run_once()
+    await connector.aclose()
+    assert sorted(r.ticket_id for r in leased) == ["bad", "good"]
+    with store.read_engine.connect() as conn:
+        by_ticket = {
+            r.ordering_key: (r.state, r.last_error)
+            for r in conn.execute(
+                select(deliveries.c.ordering_key, deliveries.c.state, deliveries.c.last_error)
+            )
+        }
+    assert by_ticket["hd:good"] == ("delivered", None)
+    state_bad, error = by_ticket["hd:bad"]
+    assert state_bad == "retry_wait" and "RuntimeError: bug in a template filter" in error
+    assert [r["external_key"] for r in state.records.values() if r["entity"] == "deal"] == [
+        "hd:ticket:good"
+    ]
