@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from syncd.emulators.serving import ServerThread
@@ -56,6 +57,13 @@ def test_ticket_reaches_the_receiver(
     d.wait_for(lambda t: t["delivered"] == 2)
     assert len([r for r in sink.records.values() if r["entity"] == "deal"]) == 1
     assert deals[0]["fields"]["status"] == "solved"
+    # what happened is in the daemon's metrics: two timed attempts, two webhooks
+    metrics = httpx.get(f"{d.url}/metrics", timeout=10).text
+    assert 'syncd_attempt_duration_seconds_count{destination="crm",outcome="delivered"} 2.0' in (
+        metrics
+    )
+    assert 'syncd_intake_requests_total{source="helpdesk",status="202"} 2.0' in metrics
+    assert 'syncd_deliveries{destination="crm",state="delivered"} 2.0' in metrics
 
 
 def test_failing_receiver_then_success_records_every_attempt(
