@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import Connection, update
@@ -92,6 +92,39 @@ def resend_by_filter_sync(store: Store, flt: EventFilter, *, actor: str) -> int:
         )
     )
     return total
+
+
+class Reingester(Protocol):
+    async def reingest(self, item_id: int) -> Any: ...
+
+
+async def reingest(store: Store, intake: Reingester | None, item_id: int, *, actor: str) -> str:
+    """Parse a quarantined body again with the current config; audited either way."""
+    from syncd.intake.service import Accepted
+
+    if intake is None:
+        return "re-ingest needs the running daemon"
+    try:
+        outcome = await intake.reingest(item_id)
+    except (KeyError, ValueError) as exc:
+        message, ok, count = str(exc), "error", 0
+    else:
+        if isinstance(outcome, Accepted):
+            ids = outcome.event_ids
+            message, ok, count = f"stored as event(s) {ids}", "ok", len(ids)
+        else:
+            message, ok, count = f"still unreadable: {outcome.reason}", "error", 0
+    await store.writer.run(
+        lambda c: write_audit(
+            c,
+            actor=actor,
+            action="reingest",
+            outcome=ok,
+            count=count,
+            detail={"quarantine_item": item_id, "result": message},
+        )
+    )
+    return message
 
 
 @dataclass(frozen=True)

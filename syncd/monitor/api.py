@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from syncd.intake import quarantine
 from syncd.intake.reconcile import poll_states
 from syncd.monitor import queries
-from syncd.monitor.actions import resend_deliveries
+from syncd.monitor.actions import reingest, resend_deliveries
 from syncd.monitor.app import Monitor
 from syncd.monitor.auth import Forbidden, Principal
 from syncd.monitor.plans import keys_for_trace, plan_of
@@ -359,9 +359,7 @@ def api_router(monitor: Monitor) -> APIRouter:
         item_id: int, principal: Principal = Depends(admin("reingest"))
     ) -> dict[str, Any]:
         """Parse a quarantined webhook again with the current config."""
-        from syncd.monitor.ui import reingest
-
-        message = await reingest(monitor, item_id, principal)
+        message = await reingest(monitor.store, monitor.intake, item_id, actor=principal.actor)
         monitor.wake()
         return {"result": message}
 

@@ -19,7 +19,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from syncd.config import Config
 from syncd.monitor import queries
-from syncd.monitor.actions import ResendJobs, write_audit
+from syncd.monitor.actions import Reingester, ResendJobs, write_audit
 from syncd.monitor.auth import Auth, CsrfError, Forbidden, NotLoggedIn
 from syncd.monitor.queries import Overview
 from syncd.store import Store
@@ -38,10 +38,6 @@ class Runtime(Protocol):
 class NoRuntime:
     def destinations(self) -> dict[str, dict[str, Any]]:
         return {}
-
-
-class Reingester(Protocol):
-    async def reingest(self, item_id: int) -> Any: ...
 
 
 class OverviewCache:

@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from syncd.intake import quarantine
 from syncd.intake.reconcile import poll_states
 from syncd.monitor import queries
-from syncd.monitor.actions import resend_deliveries
+from syncd.monitor.actions import reingest, resend_deliveries
 from syncd.monitor.app import HERE, Monitor, age_text
 from syncd.monitor.auth import Forbidden, Principal, TooManyAttempts
 from syncd.monitor.i18n import pick_language, translator
@@ -446,7 +446,7 @@ def ui_router(monitor: Monitor) -> APIRouter:
     async def quarantine_reingest(request: Request, item_id: int) -> Response:
         principal = admin(request, "reingest")
         await form_of(request, principal)
-        message = await reingest(monitor, item_id, principal)
+        message = await reingest(monitor.store, monitor.intake, item_id, actor=principal.actor)
         monitor.wake()
         return RedirectResponse(
             f"/quarantine/{item_id}?{urlencode({'message': message})}", status_code=303
@@ -488,36 +488,3 @@ def _as_query(described: dict[str, Any]) -> dict[str, Any]:
     """An audit/job filter (EventFilter.describe) back into URL parameters."""
     names = {"states": "state", "ticket_id": "ticket"}
     return {names.get(k, k): v for k, v in described.items()}
-
-
-async def reingest(monitor: Monitor, item_id: int, principal: Principal) -> str:
-    """Parse a quarantined body again with the current config; audit either way."""
-    from syncd.intake.service import Accepted
-    from syncd.monitor.actions import write_audit
-
-    if monitor.intake is None:
-        return "re-ingest needs the running daemon"
-    try:
-        outcome = await monitor.intake.reingest(item_id)
-    except (KeyError, ValueError) as exc:
-        message, ok, count = str(exc), "error", 0
-    else:
-        if isinstance(outcome, Accepted):
-            message, ok, count = (
-                f"stored as event(s) {outcome.event_ids}",
-                "ok",
-                len(outcome.event_ids),
-            )
-        else:
-            message, ok, count = f"still unreadable: {outcome.reason}", "error", 0
-    await monitor.store.writer.run(
-        lambda c: write_audit(
-            c,
-            actor=principal.actor,
-            action="reingest",
-            outcome=ok,
-            count=count,
-            detail={"quarantine_item": item_id, "result": message},
-        )
-    )
-    return message
