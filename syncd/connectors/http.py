@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import httpx
 
@@ -38,7 +39,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def error_for_response(response: httpx.Response) -> DeliveryError | None:
+class HttpAnswer(Protocol):
+    """What classification reads from a response: ``httpx.Response`` or the aiohttp path's."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def error_for_response(response: HttpAnswer) -> DeliveryError | None:
     """None for 2xx; otherwise the DeliveryError this status means."""
     status = response.status_code
     if 200 <= status < 300:

@@ -4,6 +4,9 @@ Two forms: ``RestHarness`` uses the generic ``/records`` shape (no templates);
 ``TemplatedRestHarness`` uses per-entity templates against the sink's ``/v2``
 API, whose deals name their contact by id and whose notes live under their
 deal, so every id one record's answer gives must reach the next one's request.
+
+Both send through ``AiohttpTransport``, as the daemon does, so these tests exercise
+the connector's direct aiohttp path (the respx unit tests cover the httpx one).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from syncd.connectors.base import Connector, CredentialStore
 from syncd.connectors.rest import RestConnector, RestSettings
+from syncd.connectors.transport import AiohttpTransport
 from syncd.emulators.serving import ServerThread
 from syncd.emulators.sink import Faults, SinkState
 from syncd.ticket import Status
@@ -26,7 +30,9 @@ class RestHarness:
 
     def connector(self, credentials: CredentialStore | None = None) -> Connector:
         settings = RestSettings.model_validate({"base_url": self.server.url})
-        return RestConnector("crm", settings, timeout=0.5, credentials=credentials)
+        return RestConnector(
+            "crm", settings, timeout=0.5, transport=AiohttpTransport(), credentials=credentials
+        )
 
     def pipeline(self) -> tuple[str | None, dict[Status, str]]:
         return "sales", {s: f"STAGE_{s.value.upper()}" for s in Status}
@@ -154,7 +160,9 @@ class TemplatedRestHarness(RestHarness):
                 "entities": TEMPLATES,
             }
         )
-        return RestConnector("crm", settings, timeout=0.5, credentials=credentials)
+        return RestConnector(
+            "crm", settings, timeout=0.5, transport=AiohttpTransport(), credentials=credentials
+        )
 
     def contacts(self) -> list[dict[str, Any]]:
         return [

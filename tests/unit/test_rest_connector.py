@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import respx
@@ -533,3 +535,222 @@ def test_the_commented_templates_in_the_example_config_are_valid() -> None:
     entities = tomllib.loads("\n".join(block))["destinations"]["crm"]["entities"]
     settings = RestSettings.model_validate({"base_url": BASE, "entities": entities})
     assert set(settings.entities) == {"contact", "deal", "note"}
+
+
+# --- the daemon's path: aiohttp directly, against a real local server ------------------
+#
+# The tests above go through httpx (respx patches it). The daemon gives the connector
+# an AiohttpTransport, and then the connector sends through aiohttp itself. These
+# check that path against a real HTTP server: the same requests on the wire as the
+# httpx path, and the same classification of answers and failures.
+
+TOKEN = "s3cret-t0ken"
+
+
+class _Server:
+    """A local aiohttp server that records every request and answers as told."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+        self.status = 201
+        self.headers: dict[str, str] = {}
+        self.text: str | None = None
+        self.delay = 0.0
+        self.runner: object = None
+        self.url = ""
+
+    async def __aenter__(self) -> _Server:
+        import asyncio
+
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.read()
+            self.seen.append(
+                {
+                    "method": request.method,
+                    "target": request.raw_path,
+                    "body": body,
+                    "headers": {k.lower(): v for k, v in request.headers.items()},
+                }
+            )
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.text is not None:
+                return web.Response(status=self.status, text=self.text, headers=self.headers)
+            n = len(self.seen)
+            path = request.path.removeprefix("/api")
+            if request.method == "GET" and path == "/v2/people":
+                return web.json_response({"items": []})
+            if path == "/v2/people":
+                return web.json_response({"data": {"id": 500 + n}}, status=201)
+            if path.endswith("/deals"):
+                return web.json_response({"result": f"D-{n}"}, status=201)
+            if path.endswith("/comments"):
+                return web.json_response({"comment": {"id": n}}, status=201)
+            if request.method == "GET":
+                return web.json_response([])
+            return web.json_response({"id": n}, status=201 if request.method == "POST" else 200)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner = runner
+        self.url = f"http://127.0.0.1:{port}/api"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        from aiohttp import web
+
+        assert isinstance(self.runner, web.AppRunner)
+        await self.runner.cleanup()
+
+
+def direct(url: str, timeout: float = 2, **settings: object) -> RestConnector:
+    from syncd.connectors.transport import AiohttpTransport
+
+    c = RestConnector(
+        "crm",
+        RestSettings.model_validate(
+            {"base_url": url, "auth": {"type": "bearer", "token": TOKEN}, **settings}
+        ),
+        timeout=timeout,
+        transport=AiohttpTransport(),
+    )
+    assert c._aiohttp is not None  # the direct path, not httpx over the transport
+    return c
+
+
+def _wire(seen: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for r in seen:
+        headers = r["headers"]
+        assert isinstance(headers, dict)
+        kept = {k: v for k, v in headers.items() if k not in ("host", "content-length")}
+        out.append((r["method"], r["target"], r["body"], sorted(kept.items())))
+    return out
+
+
+class _ViaHttpx(httpx.AsyncBaseTransport):
+    """The path before the direct one: httpx's client over the aiohttp transport."""
+
+    def __init__(self) -> None:
+        from syncd.connectors.transport import AiohttpTransport
+
+        self.inner = AiohttpTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("form", ["generic", "templated"])
+async def test_direct_path_sends_what_the_httpx_path_sends(form: str) -> None:
+    """Same plans through httpx's client over aiohttp and through aiohttp alone: same requests."""
+    plans = [Plan((CLIENT, TICKET, MESSAGE)), Plan((CLIENT, TICKET, MESSAGE))]
+    extra: dict[str, object] = {"entities": ENTITIES} if form == "templated" else {}
+    extra["headers"] = {"X-Tenant": "t-1"}
+    results = []
+    for path in ("httpx", "aiohttp"):
+        async with _Server() as server:
+            if path == "aiohttp":
+                c = direct(server.url, **extra)
+            else:
+                c = RestConnector(
+                    "crm",
+                    RestSettings.model_validate(
+                        {"base_url": server.url, "auth": {"type": "bearer", "token": TOKEN}} | extra
+                    ),
+                    timeout=2,
+                    transport=_ViaHttpx(),
+                )
+                assert c._aiohttp is None
+            links = MemoryLinks()
+            for i, plan in enumerate(plans):
+                await c.execute(plan, ctx(links, delivery_id=10 + i))
+            await c.aclose()
+            results.append((_wire(server.seen), dict(links.rows)))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        assert a == b
+    assert results[0] == results[1]
+    wire = results[1][0]
+    # the idempotency key, auth and JSON body are on the wire
+    _, target, body, headers = next(w for w in wire if w[0] == "POST")
+    assert isinstance(body, bytes) and json.loads(body)
+    assert dict(headers)["idempotency-key"] == "syncd-ab12-10-0"  # type: ignore[arg-type]
+    assert dict(headers)["authorization"] == f"Bearer {TOKEN}"  # type: ignore[arg-type]
+    assert dict(headers)["content-type"] == "application/json"  # type: ignore[arg-type]
+    assert str(target).startswith("/api/")
+    if form == "templated":
+        lookups = [w[1] for w in wire if w[0] == "GET"]
+        assert "/api/v2/people?ref=hd:client:7&email=anna@example.com" in lookups
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error_type", "retry_after"),
+    [
+        (429, {"Retry-After": "17"}, RateLimited, 17.0),
+        (503, {}, ServerError, None),
+        (500, {}, ServerError, None),
+        (408, {}, ServerError, None),
+        (400, {}, Rejected, None),
+        (422, {}, Rejected, None),
+        (401, {}, AccessDenied, None),
+        (403, {}, AccessDenied, None),
+        (404, {}, NotFound, None),
+    ],
+)
+async def test_direct_path_status_classification(
+    status: int, headers: dict[str, str], error_type: type[DeliveryError], retry_after: float | None
+) -> None:
+    async with _Server() as server:
+        server.status, server.headers, server.text = status, headers, "nope"
+        c = direct(server.url)
+        with pytest.raises(error_type) as info:
+            await c.execute(Plan((DEAL,)), ctx(MemoryLinks()))
+        await c.aclose()
+    assert info.value.status_code == status
+    assert info.value.retry_after == retry_after
+    assert f"HTTP {status}: nope" in str(info.value)
+    assert TOKEN not in str(info.value)
+
+
+async def test_direct_path_timeout_is_retriable_with_unknown_outcome() -> None:
+    async with _Server() as server:
+        server.delay = 1.0
+        c = direct(server.url, timeout=0.2)
+        links = MemoryLinks()
+        with pytest.raises(TransportError) as info:
+            await c.execute(Plan((DEAL,)), ctx(links))
+        await c.aclose()
+    assert info.value.retriable and info.value.outcome_unknown
+    assert links.rows[("deal", "hd:ticket:1")].crm_id is None  # intent left behind
+    assert TOKEN not in str(info.value)
+
+
+async def test_direct_path_connection_refused_is_retriable_and_known_unsent() -> None:
+    from syncd.emulators.serving import free_port
+
+    c = direct(f"http://127.0.0.1:{free_port('127.0.0.1')}")
+    with pytest.raises(TransportError) as info:
+        await c.execute(Plan((DEAL,)), ctx(MemoryLinks()))
+    await c.aclose()
+    assert info.value.retriable and not info.value.outcome_unknown
+    assert TOKEN not in str(info.value)
+
+
+async def test_direct_path_create_without_id_is_rejected() -> None:
+    async with _Server() as server:
+        server.text = '{"ok": true}'
+        c = direct(server.url)
+        with pytest.raises(Rejected, match="without 'id'"):
+            await c.execute(Plan((DEAL,)), ctx(MemoryLinks()))
+        await c.aclose()
