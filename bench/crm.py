@@ -20,7 +20,7 @@ Measured from the emulator's own state, sampled every 50 ms: requests, requests
 refused by the limit, and (from the SQLite file) events delivered. The rate of a phase
 counts only what happens after the burst is spent (see ``steady``).
 
-Run: ``.venv/bin/python bench/crm.py [--crm bitrix24,amocrm] [--tickets 60]``
+Run: ``.venv/bin/python bench/crm.py [--crm bitrix24,amocrm] [--tickets amocrm=300]``
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 
+from syncd.connectors.amocrm import PACING_WINDOW
 from syncd.emulators.amocrm import PIPELINE_ID, STAGES, create_amocrm_emulator
 from syncd.emulators.bitrix24 import create_bitrix24_emulator
 from syncd.emulators.serving import ServerThread
@@ -183,7 +184,20 @@ def amocrm() -> Crm:
         f'base_url = "{server.url}"\naccess_token = "{AMO_TOKEN}"\n'
         + _mapping(str(PIPELINE_ID), s["new"], stages)
     )
-    return Crm("amocrm", server, requests, refused, breakdown, records, destination, 7.0, 7, 6.0, 1)
+    # The connector's default pacing: 7 requests in any PACING_WINDOW s, all 7 at once.
+    return Crm(
+        "amocrm",
+        server,
+        requests,
+        refused,
+        breakdown,
+        records,
+        destination,
+        7.0,
+        7,
+        round(7 / PACING_WINDOW, 3),
+        7,
+    )
 
 
 def _mapping(pipeline: str, initial: str, stages: dict[str, str]) -> str:
@@ -430,8 +444,8 @@ def main() -> int:
     parser.add_argument("--crm", default="bitrix24,amocrm", help="comma-separated")
     parser.add_argument(
         "--tickets",
-        default="bitrix24=1500,amocrm=60",
-        help="new tickets (and as many follow-ups) per CRM, e.g. bitrix24=1500,amocrm=60; "
+        default="bitrix24=1500,amocrm=300",
+        help="new tickets (and as many follow-ups) per CRM, e.g. bitrix24=1500,amocrm=300; "
         "enough that the burst is spent early in each phase",
     )
     parser.add_argument("--limit", type=float, default=150.0, help="seconds allowed per phase")

@@ -13,6 +13,13 @@ not search tags (unless ``query_searches_tags``), phone search compares
 digits only, 429 carries ``retry_after`` in the body and no header (unless
 ``retry_after_header``), and a reused refresh token gets HTTP 400.
 
+The write endpoints take arrays, as amoCRM's do (``POST /leads/complex``,
+``PATCH /leads``, ``PATCH /contacts``, ``POST /leads/notes`` with an
+``entity_id`` per note next to ``POST /leads/{id}/notes``): every record is
+checked before any is written, and a bad one fails the whole request with
+``validation-errors`` naming its ``request_id``. ``state.bulk_sizes`` keeps how
+many records each such request carried.
+
 Records live in plain dicts (``state.contacts``, ``state.leads``,
 ``state.notes``) so tests can assert "exactly one lead per ticket".
 Misbehaviour is switched on from Python: :meth:`AmoState.fail_next`,
@@ -225,6 +232,8 @@ class AmoState:
     #: Every request seen: (method, path), in order.
     requests: list[tuple[str, str]] = field(default_factory=list)
     rate_limited: int = 0
+    #: Writes to endpoints that take arrays ("PATCH /api/v4/leads", ...): records per request.
+    bulk_sizes: dict[str, list[int]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
     _window: deque[float] = field(default_factory=deque)
     _recent_429s: deque[float] = field(default_factory=deque)
@@ -761,6 +770,12 @@ def _empty_request() -> JSONResponse:
     return problem(400, "Bad Request", "Request data can not be empty")
 
 
+def _count_bulk(state: AmoState, request: Request, records: int) -> None:
+    """Note a write to an endpoint that takes arrays: one request, ``records`` records."""
+    path = "/".join("{id}" if p.isdigit() else p for p in request.url.path.split("/"))
+    state.bulk_sizes.setdefault(f"{request.method} {path}", []).append(records)
+
+
 def _rid(item: dict[str, Any], index: int) -> str:
     return str(item.get("request_id", index))
 
@@ -1004,6 +1019,7 @@ def create_amocrm_emulator(
     async def _update_contacts(request: Request, items: list[Any]) -> Response:
         base = str(request.base_url).rstrip("/")
         with state.lock:
+            _count_bulk(state, request, len(items))
             problems: list[tuple[str, FieldError]] = []
             prepared = []
             for i, item in enumerate(items):
@@ -1186,6 +1202,7 @@ def create_amocrm_emulator(
         if len(body) > 50:
             return problem(422, "Unprocessable Entity", "Limit 50 leads per request")
         with state.lock:
+            _count_bulk(state, request, len(body))
             problems: list[tuple[str, FieldError]] = []
             prepared = []
             for i, item in enumerate(body):
@@ -1256,6 +1273,7 @@ def create_amocrm_emulator(
     async def _update_leads(request: Request, items: list[Any]) -> Response:
         base = str(request.base_url).rstrip("/")
         with state.lock:
+            _count_bulk(state, request, len(items))
             problems: list[tuple[str, FieldError]] = []
             prepared = []
             for i, item in enumerate(items):
@@ -1359,6 +1377,17 @@ def create_amocrm_emulator(
             ]
         return _page(request, "notes", items)
 
+    @app.post("/api/v4/{entity}/notes")
+    async def add_notes_bulk(entity: str, request: Request) -> Response:
+        """Notes for several records in one request: each note names its own ``entity_id``."""
+        if entity not in ("leads", "contacts"):
+            return problem(404, "Not Found", f"Cannot POST {request.url.path}")
+        body = await _json_body(request)
+        if not isinstance(body, list) or not body:
+            return _empty_request()
+        items = [item if isinstance(item, dict) else {} for item in body]
+        return _add_notes(request, entity, [(item.get("entity_id"), item) for item in items])
+
     @app.post("/api/v4/{entity}/{entity_id}/notes")
     async def add_notes(entity: str, entity_id: int, request: Request) -> Response:
         if entity not in ("leads", "contacts"):
@@ -1366,15 +1395,30 @@ def create_amocrm_emulator(
         body = await _json_body(request)
         if not isinstance(body, list) or not body:
             return _empty_request()
+        items = [item if isinstance(item, dict) else {} for item in body]
+        return _add_notes(request, entity, [(entity_id, item) for item in items], entity_id)
+
+    def _add_notes(
+        request: Request,
+        entity: str,
+        notes: list[tuple[Any, dict[str, Any]]],
+        path_id: int | None = None,
+    ) -> Response:
+        """Validate every note, then write all or none (as amoCRM does)."""
         base = str(request.base_url).rstrip("/")
         with state.lock:
+            _count_bulk(state, request, len(notes))
             problems: list[tuple[str, FieldError]] = []
-            if _parent(entity, entity_id) is None:
+            if path_id is not None and _parent(entity, path_id) is None:
                 problems.append(("0", FieldError("entity_id", "NotFound", "Entity not found")))
-            for i, item in enumerate(body):
-                item = item if isinstance(item, dict) else {}
+            for i, (entity_id, item) in enumerate(notes):
+                rid = _rid(item, i)
+                if path_id is None and (
+                    not isinstance(entity_id, int) or _parent(entity, entity_id) is None
+                ):
+                    problems.append((rid, FieldError("entity_id", "NotFound", "Entity not found")))
                 if item.get("note_type") not in _NOTE_TYPES:
-                    problems.append((_rid(item, i), FieldError("note_type")))
+                    problems.append((rid, FieldError("note_type")))
                 params = item.get("params")
                 if item.get("note_type") == "common" and not (
                     isinstance(params, dict)
@@ -1383,7 +1427,7 @@ def create_amocrm_emulator(
                 ):
                     problems.append(
                         (
-                            _rid(item, i),
+                            rid,
                             FieldError(
                                 "params.text", "NotBlank", "This value should not be blank."
                             ),
@@ -1393,7 +1437,7 @@ def create_amocrm_emulator(
                 return validation_errors(problems)
             created = []
             now = int(state.clock())
-            for i, item in enumerate(body):
+            for i, (entity_id, item) in enumerate(notes):
                 note_id = state._new_id()
                 state.notes[note_id] = {
                     "id": note_id,

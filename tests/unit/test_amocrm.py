@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from syncd.connectors.amocrm import AmoCrmConnector, AmoCrmSettings
 from syncd.connectors.base import DeliveryContext, LinkRef
-from syncd.connectors.throttle import TokenBucket
+from syncd.connectors.throttle import SlidingWindow, TokenBucket
 from syncd.emulators.amocrm import PIPELINE_ID, STAGES, create_amocrm_emulator
 from syncd.errors import (
     AccessDenied,
@@ -798,7 +798,24 @@ class FakeTime:
 
 def test_defaults_stay_inside_amocrms_seven_per_second() -> None:
     c = AmoCrmConnector("crm", token_settings(), timeout=1)
-    assert c.throttle.rate + c.throttle.burst <= 7
+    assert isinstance(c.throttle, SlidingWindow)
+    assert c.throttle.limit == 7 and c.throttle.window > 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "limit"),
+    [
+        ({}, 7),  # the old defaults, 6/s + 1, meant 7 in a second
+        ({"rate_per_second": 4, "burst": 2}, 6),
+        ({"rate_per_second": 2.5, "burst": 1}, 3),
+        ({"requests_per_second": 5, "rate_per_second": 100, "burst": 20}, 5),
+    ],
+)
+def test_pacing_settings_map_to_requests_in_any_second(extra: dict[str, Any], limit: int) -> None:
+    c = AmoCrmConnector("crm", token_settings(**extra), timeout=1)
+    assert isinstance(c.throttle, SlidingWindow) and c.throttle.limit == limit
+    with pytest.raises(ValidationError):
+        token_settings(requests_per_second=0)
 
 
 async def test_the_bucket_spaces_requests_at_the_configured_rate() -> None:
@@ -810,14 +827,14 @@ async def test_the_bucket_spaces_requests_at_the_configured_rate() -> None:
     assert t.slept == pytest.approx([1 / 7] * 3) and t.now == pytest.approx(1_000 + 3 / 7)
 
 
-@pytest.mark.parametrize(("rate", "burst", "limited"), [(6, 1, False), (1000, 1000, True)])
+@pytest.mark.parametrize(("limit", "window", "limited"), [(7, 1.02, False), (8, 1.0, True)])
 async def test_default_pacing_never_trips_the_emulators_limit(
-    rate: float, burst: int, limited: bool
+    limit: int, window: float, limited: bool
 ) -> None:
     t = FakeTime()
     app, state = create_amocrm_emulator(rate_limit=7, clock=t, long_lived_token="long-1")
     c = connector(transport=httpx.ASGITransport(app=app))
-    c.throttle = TokenBucket(rate, burst, clock=t, sleep=t.sleep)
+    c.throttle = SlidingWindow(limit, window, clock=t, sleep=t.sleep)
     outcomes: list[object] = []
     for _ in range(30):
         try:
@@ -826,6 +843,9 @@ async def test_default_pacing_never_trips_the_emulators_limit(
             outcomes.append("429")
     assert ("429" in outcomes) is limited
     assert (state.rate_limited > 0) is limited
+    if not limited:
+        # all the allowance is used: 30 requests, 7 per window, the last in the 5th window
+        assert t.now == pytest.approx(1_000 + 4 * window)
     await c.aclose()
 
 
@@ -902,4 +922,52 @@ async def test_the_emulators_answers_are_classified_like_amocrms() -> None:
         await c.find(PROBE, None)
     state.unblock_account()
     assert await c.find(PROBE, None) is None  # 204: no contacts yet
+    await c.aclose()
+
+
+def _contact_reads(state: Any) -> list[str]:
+    return [p for m, p in state.requests if m == "GET" and p.startswith("/api/v4/contacts/")]
+
+
+async def test_a_follow_up_with_nothing_new_about_the_client_does_not_read_the_contact() -> None:
+    app, state = create_amocrm_emulator(long_lived_token="long-1", rate_limit=None)
+    c = connector(transport=httpx.ASGITransport(app=app))
+    links = MemoryLinks()
+    await c.execute(Plan((CONTACT, DEAL, NOTE)), ctx(links, 1))
+    [contact_id] = state.contacts
+    moved = UpsertDeal(
+        key=DEAL.key, stage_id=str(STAGES["open"]), move_stage=True, contact_key=CONTACT.key
+    )
+    reply = AddNote(key="hd:event:2", parent_key=DEAL.key, parent_entity="deal", text="on it")
+    before = len(state.requests)
+    await c.execute(Plan((CONTACT, moved, reply)), ctx(links, 2))
+    assert [m for m, _ in state.requests[before:]] == ["PATCH", "POST"]  # lead, note
+    assert _contact_reads(state) == []
+    # a phone amoCRM does not have yet: read the contact, add it
+    more = UpsertContact(
+        key=CONTACT.key,
+        identities=(*CONTACT.identities, "phone:+79990000000"),
+        name=CONTACT.name,
+        emails=CONTACT.emails,
+        phones=(*CONTACT.phones, "+79990000000"),
+    )
+    again = AddNote(key="hd:event:3", parent_key=DEAL.key, parent_entity="deal", text="more")
+    await c.execute(Plan((more, again)), ctx(links, 3))
+    assert _contact_reads(state) == [f"/api/v4/contacts/{contact_id}"]
+    phones = [
+        v["value"]
+        for f in state.contacts[contact_id]["custom_fields_values"]
+        if f["field_code"] == "PHONE"
+        for v in f["values"]
+    ]
+    assert phones == ["+79991234567", "+79990000000"]
+    assert links.rows[("contact", "phone:+79990000000")].crm_id == str(contact_id)
+    # known now: the next event with it reads nothing
+    await c.execute(Plan((more,)), ctx(links, 4))
+    assert len(_contact_reads(state)) == 1
+    # a value linked to another contact is not "known" for this one
+    links.rows[("contact", "email:other@example.com")] = LinkRef(crm_id="1")
+    other = UpsertContact(key=CONTACT.key, emails=("other@example.com",))
+    await c.execute(Plan((other,)), ctx(links, 5))
+    assert len(_contact_reads(state)) == 2
     await c.aclose()
