@@ -236,6 +236,11 @@ def crm_section(d: dict[str, Any]) -> list[str]:
                     str(p["refused"]),
                 ]
             )
+    arrival = "; ".join(
+        f"{r['crm']} {r['phases']['follow_up']['with_arrival']['events_per_second']:.2f} events/s"
+        for r in d["results"]
+        if r["phases"]["follow_up"].get("with_arrival")
+    )
     refused = ", ".join(f"{r['crm']} {r['refused_after_burst']}" for r in d["results"])
     met = all(all(r["met"].values()) for r in d["results"])
     return [
@@ -265,7 +270,9 @@ def crm_section(d: dict[str, Any]) -> list[str]:
         f"{refused}. Target: >= {d['target_share']:.0%} of the ceiling with events sharing a "
         f"request, and nothing refused: {verdict(met)}. The rate of a phase is counted from "
         'the moment its burst is spent to its last delivery; see "CRM throughput" above for '
-        "how the ceilings are worked out.",
+        "how the ceilings are worked out. The follow-up phase is counted from the moment its "
+        "last webhook was accepted (a backlog, like the new phase)"
+        + (f"; counted from its first webhook, arrival included: {arrival}." if arrival else "."),
         "",
     ]
 
