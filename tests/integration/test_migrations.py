@@ -56,3 +56,59 @@ def test_cli_migrate_and_refusal_on_old_schema(tmp_path: Path) -> None:
     result = runner.invoke(app, ["migrate", "-c", str(cfg)])
     assert "already at schema version" in result.output
     assert (tmp_path / "s.db").exists()
+
+
+def test_upgrade_to_0004_keeps_rows_and_fills_the_monitor_columns(store_url: str) -> None:
+    """A store made by the previous release: its events become searchable by client."""
+    import json
+
+    import sqlalchemy as sa
+    from alembic import command
+
+    from syncd.monitor import queries
+    from syncd.store import _alembic_config
+
+    store = Store(store_url)
+    try:
+        with store.write_engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "0003")
+        payloads = [
+            {"source": "hd", "ticket_id": "7", "client": {"emails": ["ivan@example.ru"]}},
+            {"source": "hd", "ticket_id": "7", "kind": "status_changed"},
+            {"source": "hd", "ticket_id": "8", "client": {"phones": ["+79991234567"]}},
+        ]
+        with store.write_engine.begin() as conn:
+            for n, payload in enumerate(payloads, start=1):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO events (source, ticket_id, kind, payload, received_at, "
+                        "recovered_by_poll) VALUES ('hd', :t, 'ticket_updated', :p, :n, false)"
+                    ),
+                    {"t": payload["ticket_id"], "p": json.dumps(payload), "n": float(n)},
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO deliveries (event_id, destination, ordering_key, state, "
+                        "attempts, outcome_unknown, created_at, updated_at) "
+                        "VALUES (:n, 'crm', :k, 'failed', 1, false, :t, :t)"
+                    ),
+                    {"n": n, "k": f"hd:{payload['ticket_id']}", "t": float(n)},
+                )
+        before, after = store.migrate()
+        assert (before, after) == ("0003", head_revision())
+        with store.read_engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT client_email, client_phone FROM events ORDER BY id")
+            ).all()
+            sources = conn.execute(sa.text("SELECT DISTINCT source FROM deliveries")).scalars()
+            assert [tuple(r) for r in rows] == [
+                ("ivan@example.ru", None),
+                (None, None),
+                (None, "+79991234567"),
+            ]
+            assert list(sources) == ["hd"]
+            # and the monitor finds the old ticket by its client, status change included
+            page = queries.list_deliveries(conn, queries.EventFilter(client="IVAN@example.ru"))
+            assert [r.event_id for r in page.rows] == [2, 1]
+    finally:
+        store.close()
