@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -432,3 +433,48 @@ def package_versions() -> dict[str, str]:
 
 def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
+
+
+# --- memory of one process ----------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """Samples one process's RSS every ``interval`` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                rss = int(self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            self.samples.append((time.monotonic(), rss))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.samples), default=0)
+
+    def peak_mb(self, since: float = 0.0) -> float:
+        """The highest sample taken at or after ``since`` (monotonic), in MB."""
+        values = [rss for t, rss in self.samples if t >= since]
+        return round(max(values, default=0) / 2**20, 1)
+
+    def at(self, when: float) -> int:
+        """The last sample taken at or before ``when``."""
+        found = 0
+        for t, rss in self.samples:
+            if t > when:
+                break
+            found = rss
+        return found

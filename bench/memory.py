@@ -18,13 +18,11 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,43 +31,6 @@ import _common as c
 NAME = "memory"
 TARGET_MB = 150.0
 MB = 1024 * 1024
-
-
-class RssSampler(threading.Thread):
-    """Samples one process's RSS every ``interval`` seconds until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.process = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[tuple[float, int]] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                rss = int(self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            self.samples.append((time.monotonic(), rss))
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(5)
-
-    @property
-    def peak(self) -> int:
-        return max((rss for _, rss in self.samples), default=0)
-
-    def at(self, when: float) -> int:
-        """The last sample taken at or before ``when``."""
-        found = 0
-        for t, rss in self.samples:
-            if t > when:
-                break
-            found = rss
-        return found
 
 
 def main() -> int:
@@ -91,7 +52,7 @@ def main() -> int:
         fill_s = c.prefill_outbox(config, args.events)
         print(f"  outbox pre-filled with {args.events:,} events in {fill_s:.1f} s", flush=True)
         daemon = c.syncd_child(workdir, config).start()
-        sampler = RssSampler(daemon.pid)
+        sampler = c.RssSampler(daemon.pid)
         sampler.start()
         progress: list[tuple[float, int]] = []
         done_at: float | None = None

@@ -32,7 +32,6 @@ Run: ``.venv/bin/python bench/monitor.py [--events 1000000] [--requests 200] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import random
@@ -43,14 +42,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -463,29 +460,6 @@ def cached_store(
 # --- measuring ---------------------------------------------------------------------
 
 
-class RssSampler(threading.Thread):
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.proc = psutil.Process(pid)
-        self.interval = interval
-        self.samples: list[tuple[float, int]] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.samples.append((time.monotonic(), self.proc.memory_info().rss))
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
-
-    def peak_mb(self, since: float = 0.0) -> float:
-        values = [rss for t, rss in self.samples if t >= since]
-        return round(max(values, default=0) / 2**20, 1)
-
-
 def pick_values(db: Path, built_at: float) -> dict[str, str]:
     """Real filter values from the store: a client, a ticket, a cursor in the middle."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -664,7 +638,7 @@ def main() -> int:
     items = cases(values)
     daemon = c.syncd_child(workdir, config)
     daemon.start()
-    sampler = RssSampler(daemon.pid)
+    sampler = c.RssSampler(daemon.pid)
     sampler.start()
     base = f"http://127.0.0.1:{port}"
     try:

@@ -17,12 +17,12 @@ timeout, credentials) is every record's failure; the breaker counts it once.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from syncd.connectors.shared import fail_shared
 from syncd.connectors.throttle import Slot
 from syncd.errors import DeliveryError, RetriableError
 
@@ -157,16 +157,7 @@ class SharedWrites:
 
     @staticmethod
     def _fail(entries: list[_Entry], exc: BaseException) -> None:
-        first = True
-        for entry in entries:
-            if entry.future.done():
-                continue
-            # Each delivery its own copy: its handler may change the text or flags.
-            own = copy.copy(exc) if isinstance(exc, DeliveryError) else exc
-            if isinstance(own, DeliveryError) and not first:
-                own.echo = True  # one failed request: the breaker counts it once
-            first = False
-            entry.future.set_exception(own)
+        fail_shared((item.future for item in entries), exc)
 
     async def aclose(self) -> None:
         for task in [*self._pumps.values(), *self._sending]:

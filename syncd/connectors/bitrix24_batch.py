@@ -20,13 +20,13 @@ batch protocol (string command keys, ``$result`` chaining, ``halt``) that is sha
 from __future__ import annotations
 
 import asyncio
-import copy
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from syncd.connectors.shared import fail_shared
 from syncd.errors import DeliveryError
 
 Calls = Mapping[str, tuple[str, Mapping[str, Any]]]
@@ -172,16 +172,7 @@ class SharedBatches:
 
     @staticmethod
     def _fail(groups: list[_Group], exc: BaseException) -> None:
-        first = True
-        for group in groups:
-            if group.future.done():
-                continue
-            # Each delivery gets its own copy: its handler may change the text or flags.
-            own = copy.copy(exc) if isinstance(exc, DeliveryError) else exc
-            if isinstance(own, DeliveryError) and not first:
-                own.echo = True  # one failed request: the breaker counts it once
-            first = False
-            group.future.set_exception(own)
+        fail_shared((item.future for item in groups), exc)
 
     async def aclose(self) -> None:
         if self._pump is not None:

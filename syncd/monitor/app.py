@@ -220,7 +220,3 @@ def age_text(seconds: float | None) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
-
-
-def now() -> float:
-    return time.time()

@@ -9,7 +9,7 @@ shared PostgreSQL reports the same truth.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -171,8 +171,3 @@ class IntakeCounter:
             await send(message)
 
         await self.app(scope, receive, _send)
-
-
-def iter_lines(data: bytes) -> Iterator[str]:
-    """The exposition split in lines (tests read single samples from it)."""
-    yield from data.decode().splitlines()

@@ -735,15 +735,3 @@ def resend_job(conn: Connection, job_id: int) -> ResendJobRow | None:
         error=r.error,
         finished_at=r.finished_at,
     )
-
-
-def check_filter_names(flt: EventFilter, destinations: set[str], sources: set[str]) -> None:
-    """A filter naming a destination or source that does not exist is a mistake, not 'nothing'."""
-    if flt.destination and flt.destination not in destinations:
-        raise ValueError(f"no destination named {flt.destination!r}")
-    if flt.source and flt.source not in sources:
-        raise ValueError(f"no source named {flt.source!r}")
-
-
-def with_states(flt: EventFilter, *states: str) -> EventFilter:
-    return replace(flt, states=tuple(states))
