@@ -21,7 +21,7 @@ from syncd import logs
 from syncd.config import Config, resolve_store_url
 from syncd.connectors import registry
 from syncd.connectors.base import Connector
-from syncd.connectors.throttle import TokenBucket
+from syncd.connectors.throttle import SlidingWindow, TokenBucket
 from syncd.connectors.transport import AiohttpTransport
 from syncd.intake import registry as source_registry
 from syncd.intake.reconcile import PollRunner
@@ -93,7 +93,7 @@ class DaemonRuntime:
         for name, connector in self._connectors.items():
             info: dict[str, Any] = {"paused_until": self._dispatcher.breaker.paused_until(name)}
             bucket = getattr(getattr(connector, "inner", connector), "throttle", None)
-            if isinstance(bucket, TokenBucket):
+            if isinstance(bucket, TokenBucket | SlidingWindow):
                 info["throttle_rate"] = bucket.rate
                 info["throttle_available"] = round(bucket.available, 2)
             out[name] = info

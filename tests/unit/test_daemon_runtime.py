@@ -1,0 +1,26 @@
+"""What the overview shows of each destination's pacing, whatever limiter its connector uses."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from syncd.connectors.throttle import SlidingWindow, TokenBucket
+from syncd.daemon import DaemonRuntime
+from syncd.retry.breaker import Breaker
+
+
+def test_both_kinds_of_limiter_are_shown() -> None:
+    dispatcher: Any = SimpleNamespace(breaker=Breaker())
+    connectors: Any = {
+        "bitrix24": SimpleNamespace(throttle=TokenBucket(2.0, 40)),
+        # the metrics wrapper hides the connector behind .inner
+        "amocrm": SimpleNamespace(inner=SimpleNamespace(throttle=SlidingWindow(7, 1.0))),
+        "rest": SimpleNamespace(),
+    }
+    shown = DaemonRuntime(dispatcher, connectors).destinations()
+    assert shown["bitrix24"]["throttle_rate"] == 2.0
+    assert shown["bitrix24"]["throttle_available"] == 40
+    assert shown["amocrm"]["throttle_rate"] == 7.0
+    assert shown["amocrm"]["throttle_available"] == 7
+    assert "throttle_rate" not in shown["rest"] and shown["rest"]["paused_until"] is None
