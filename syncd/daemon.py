@@ -92,7 +92,7 @@ class DaemonRuntime:
         out: dict[str, dict[str, Any]] = {}
         for name, connector in self._connectors.items():
             info: dict[str, Any] = {"paused_until": self._dispatcher.breaker.paused_until(name)}
-            bucket = getattr(getattr(connector, "inner", connector), "throttle", None)
+            bucket = getattr(connector, "throttle", None)
             if isinstance(bucket, TokenBucket | SlidingWindow):
                 info["throttle_rate"] = bucket.rate
                 info["throttle_available"] = round(bucket.available, 2)
@@ -172,7 +172,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
 
     d = config.delivery
     metrics = Metrics()
-    connectors = metrics.meter(build_connectors(config, store))
+    connectors = build_connectors(config, store)
     dispatcher = Dispatcher(
         store,
         connectors,
@@ -185,6 +185,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         mappings={name: config.mapping_for(name) for name in config.destinations},
         coalesce=d.coalesce,
         coalesce_max=d.coalesce_max,
+        on_attempt=metrics.observe_attempt,
     )
     intake = build_intake(store, config, dispatcher)
     monitor = build_monitor(

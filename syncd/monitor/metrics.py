@@ -18,10 +18,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from syncd.connectors.base import Connector, DeliveryContext, LinkRef
-from syncd.errors import DeliveryError
 from syncd.intake import quarantine
-from syncd.mapping.plan import Plan, Upsert
 from syncd.retry import outbox
 from syncd.store import Store
 
@@ -43,7 +40,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.attempt_seconds = Histogram(
             "syncd_attempt_duration_seconds",
-            "Time one delivery attempt spent talking to the CRM.",
+            "How long one delivery attempt took (mapping and CRM requests), by its outcome.",
             ["destination", "outcome"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
@@ -57,8 +54,9 @@ class Metrics:
         self._snapshot = _StoreSnapshot()
         self.registry.register(self._snapshot)
 
-    def meter(self, connectors: dict[str, Connector]) -> dict[str, Connector]:
-        return {name: MeteredConnector(c, self.attempt_seconds) for name, c in connectors.items()}
+    def observe_attempt(self, destination: str, outcome: str, seconds: float) -> None:
+        """The dispatcher's report of one attempt (see ``Dispatcher.on_attempt``)."""
+        self.attempt_seconds.labels(destination, outcome).observe(seconds)
 
     async def render(self, store: Store, breakers: dict[str, dict[str, Any]]) -> bytes:
         def _read(conn: Any) -> dict[str, Any]:
@@ -106,45 +104,6 @@ class Metrics:
             breaker.add_metric([dest], 1.0 if until and until > now else 0.0)
         self._snapshot.families = [by_state, backlog, oldest, held, breaker]
         return generate_latest(self.registry)
-
-
-class MeteredConnector(Connector):
-    """Times each attempt on its way to the real connector; changes nothing else."""
-
-    def __init__(self, inner: Connector, histogram: Histogram) -> None:
-        super().__init__(
-            inner.name,
-            inner.settings,
-            timeout=inner.timeout,
-            transport=inner.transport,
-            credentials=inner.credentials,
-        )
-        self.inner = inner
-        self._histogram = histogram
-
-    async def execute(self, plan: Plan, ctx: DeliveryContext) -> None:
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            await self.inner.execute(plan, ctx)
-            outcome = "delivered"
-        except DeliveryError as exc:
-            outcome = "retriable" if exc.retriable else "permanent"
-            raise
-        finally:
-            self._histogram.labels(self.name, outcome).observe(time.perf_counter() - started)
-
-    async def find(self, op: Upsert, parent_id: str | None) -> LinkRef | None:
-        return await self.inner.find(op, parent_id)
-
-    async def check(self) -> list[str]:
-        return await self.inner.check()
-
-    def record_url(self, entity: str, crm_id: str) -> str | None:
-        return self.inner.record_url(entity, crm_id)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class IntakeCounter:

@@ -53,15 +53,6 @@ class _Prepared:
 _Leased = tuple[outbox.Leased, _Prepared | None]
 
 
-def _record_based(connector: Connector | None) -> bool:
-    """Whether a connector runs plans record by record (RecordConnector), looking through
-    wrappers that forward to an ``inner`` connector (the metrics' timing wrapper)."""
-    while connector is not None and not isinstance(connector, RecordConnector):
-        inner = getattr(connector, "inner", None)
-        connector = inner if isinstance(inner, Connector) else None
-    return connector is not None
-
-
 def _asks_client(mapping: MappingConfig) -> bool:
     """Whether a rule matches on the client being known, which costs a look-up."""
     return any(rule.when.client != "any" for rule in mapping.rules)
@@ -91,6 +82,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         coalesce: bool = True,
         coalesce_max: int = 20,
+        on_attempt: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.store = store
         self.connectors = connectors
@@ -104,6 +96,8 @@ class Dispatcher:
         self.clock = clock
         #: Most events one send may carry (1: every event goes out on its own).
         self.coalesce_max = coalesce_max if coalesce else 1
+        #: Told (destination, outcome, seconds) after every attempt: the metrics' histogram.
+        self.on_attempt = on_attempt
         self.owner = f"{socket.gethostname()[:30]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -215,7 +209,7 @@ class Dispatcher:
         for row in rows:
             connector = self.connectors.get(row.destination)
             mapping = self.mappings.get(row.destination, MappingConfig())
-            if not _record_based(connector) or _asks_client(mapping):
+            if not isinstance(connector, RecordConnector) or _asks_client(mapping):
                 continue
             found: Plan | None = None
             with contextlib.suppress(Exception):
@@ -344,6 +338,8 @@ class Dispatcher:
         duration_ms = (time.perf_counter() - t0) * 1000
         await self._watch_health(row.destination, error)
         outcome = self._outcome(row, error, started, duration_ms)
+        if self.on_attempt is not None:
+            self.on_attempt(row.destination, outcome.label, duration_ms / 1000)
         try:
             await self._record(outcome, links)
         except Exception as exc:

@@ -14,8 +14,7 @@ def test_both_kinds_of_limiter_are_shown() -> None:
     dispatcher: Any = SimpleNamespace(breaker=Breaker())
     connectors: Any = {
         "bitrix24": SimpleNamespace(throttle=TokenBucket(2.0, 40)),
-        # the metrics wrapper hides the connector behind .inner
-        "amocrm": SimpleNamespace(inner=SimpleNamespace(throttle=SlidingWindow(7, 1.0))),
+        "amocrm": SimpleNamespace(throttle=SlidingWindow(7, 1.0)),
         "rest": SimpleNamespace(),
     }
     shown = DaemonRuntime(dispatcher, connectors).destinations()
