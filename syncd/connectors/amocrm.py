@@ -39,6 +39,7 @@ from syncd.connectors.amocrm_bulk import Outcome, SharedWrites
 from syncd.connectors.base import Created, DeliveryContext, LinkRef, RecordConnector
 from syncd.connectors.http import classified, parse_retry_after
 from syncd.connectors.throttle import SlidingWindow, Slot, TokenBucket
+from syncd.dotted import dig
 from syncd.errors import (
     AccessDenied,
     Contended,
@@ -879,7 +880,9 @@ class AmoCrmConnector(RecordConnector):
             for err in group.get("errors") or []:
                 err = _obj(err)
                 path = str(err.get("path") or "?")
-                value = _dig(sent, path)
+                value = dig(sent, path)
+                if not isinstance(value, str | int | float | bool):
+                    value = None  # only a scalar is worth showing beside the error
                 shown = (
                     f"={json.dumps(value, ensure_ascii=False)[:60]}" if value is not None else ""
                 )
@@ -1094,18 +1097,6 @@ def _sent_item(items: list[Any], request_id: Any) -> Any:
         if isinstance(item, dict) and str(item.get("request_id", index)) == str(request_id):
             return item
     return items[0] if len(items) == 1 else None
-
-
-def _dig(data: Any, path: str) -> Any:
-    """The scalar at a dotted path such as ``custom_fields_values.0.field_id``, if any."""
-    for part in path.split("."):
-        if isinstance(data, dict):
-            data = data.get(part)
-        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-        else:
-            return None
-    return data if isinstance(data, str | int | float | bool) else None
 
 
 def _rights_text(rights: Mapping[str, Any] | None, entity: str) -> str:

@@ -51,6 +51,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from syncd.connectors.base import Created, DeliveryContext, LinkRef, RecordConnector
 from syncd.connectors.http import classified, error_for_response
 from syncd.connectors.transport import AiohttpTransport, Answer
+from syncd.dotted import dig
 from syncd.errors import Rejected
 from syncd.logs import redactor
 from syncd.mapping import Plan, Upsert
@@ -331,17 +332,6 @@ def _render(value: Any, variables: dict[str, Any]) -> Any:
     return value
 
 
-def _dig(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if isinstance(data, dict):
-            data = data.get(part)
-        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-        else:
-            return None
-    return data
-
-
 #: A response, from either path (see :meth:`RestConnector._request`).
 _Response = httpx.Response | Answer
 
@@ -552,7 +542,7 @@ class RestConnector(RecordConnector):
         error = error_for_response(response)
         if error is not None:
             raise error
-        crm_id = _dig(_json(response), id_path)
+        crm_id = dig(_json(response), id_path)
         if crm_id is None or isinstance(crm_id, dict | list):
             raise Rejected(
                 f"{op.entity} create answered HTTP {response.status_code} without {id_path!r}",
@@ -605,7 +595,7 @@ class RestConnector(RecordConnector):
         if explicit is None and isinstance(data, list):
             # A list of matches without a path into it: the first one.
             data = data[0] if data else None
-        crm_id = _dig(data, id_path) if data is not None else None
+        crm_id = dig(data, id_path) if data is not None else None
         if crm_id is None or isinstance(crm_id, dict | list):
             return None
         return LinkRef(crm_id=str(crm_id), url=self._url_for(op.entity, str(crm_id)))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from syncd.dotted import dig
 from syncd.errors import InvalidPayload
 from syncd.intake.base import RawRequest, WebhookSource, json_object
 from syncd.intake.signing import (
@@ -77,19 +78,6 @@ class GenericSettings(BaseModel):
         if self.signing == "standard_webhooks":
             standard_webhooks_key(self.secret.get_secret_value())
         return self
-
-
-def dig(data: Any, dotted: str | None) -> Any:
-    if not dotted:
-        return None
-    for part in dotted.split("."):
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-        else:
-            return None
-    return data
 
 
 def parse_time(value: Any) -> datetime | None:
