@@ -12,15 +12,19 @@ Each CRM in turn, with a fresh daemon and a fresh emulator:
 * phase **new**: the outbox is pre-filled (as intake stores them) with N
   ``ticket_created`` events, each a new ticket from a new client with its first
   message: contact look-up, contact, deal, timeline note;
-* phase **follow-up**: once those are delivered, N ``comment_added`` events (one per
-  ticket, each with a status change, so nothing is coalesced) are posted to
-  ``/hooks/helpdesk``: a deal update and a note each.
+* phase **follow-up**: once those are delivered, R rounds (``--follow-up-rounds``);
+  each round posts N ``comment_added`` events to ``/hooks/helpdesk`` (one per ticket,
+  each with its own comment id and a status, so nothing is coalesced): a deal update
+  and a note each. A round starts once the previous one is delivered, so a ticket
+  never has two pending events. Each round is measured on its own; the phase's rate
+  is its rounds' events over their windows' seconds added up.
 
 Measured from the emulator's own state, sampled every 50 ms: requests, requests
 refused by the limit, and (from the SQLite file) events delivered. The rate of a phase
 counts only what happens after the burst is spent (see ``steady``).
 
-Run: ``.venv/bin/python bench/crm.py [--crm bitrix24,amocrm] [--tickets amocrm=300]``
+Run: ``.venv/bin/python bench/crm.py [--crm bitrix24,amocrm] [--tickets amocrm=300]
+[--follow-up-rounds bitrix24=1,amocrm=4]``
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from syncd.emulators.serving import ServerThread
 NAME = "crm"
 TARGET = 0.90
 AMO_TOKEN = "bench-amo-long-lived-token-0001"
+#: Follow-up rounds per CRM unless ``--follow-up-rounds`` says otherwise.
+DEFAULT_ROUNDS = "bitrix24=1,amocrm=4"
 #: Bitrix24's batch takes at most this many commands; amoCRM's bulk writes 50 (recommended).
 B24_BATCH = 50
 AMO_BULK = 50
@@ -78,13 +84,18 @@ def new_ticket(i: int) -> dict[str, Any]:
     }
 
 
-def follow_up(i: int) -> dict[str, Any]:
+def follow_up(i: int, round_: int = 1) -> dict[str, Any]:
+    """Round ``round_`` (from 1) of ticket ``i``'s follow-ups: its own comment id, a status."""
     return {
         "event": "comment_added",
         "ticket_id": f"B{i:05d}",
         "status": "open",
         "client": new_ticket(i)["client"],
-        "comment": {"id": f"B{i:05d}-1", "text": "We are on it", "author": "agent"},
+        "comment": {
+            "id": f"B{i:05d}-{round_}",
+            "text": f"We are on it ({round_})",
+            "author": "agent",
+        },
     }
 
 
@@ -291,8 +302,37 @@ def prefill(config: Path, bodies: list[dict[str, Any]]) -> None:
         store.close()
 
 
-def steady(samples: list[Sample], start: int, end: int, skip_requests: int) -> dict[str, Any]:
-    """The phase's rate once ``skip_requests`` of its requests are spent (the burst).
+@dataclass
+class Window:
+    """What happened between two samples, unrounded."""
+
+    seconds: float
+    events: int
+    requests: int
+    refused: int
+
+    def __add__(self, other: Window) -> Window:
+        return Window(
+            self.seconds + other.seconds,
+            self.events + other.events,
+            self.requests + other.requests,
+            self.refused + other.refused,
+        )
+
+    def report(self) -> dict[str, Any]:
+        seconds = self.seconds
+        return {
+            "window_seconds": round(seconds, 2),
+            "events": self.events,
+            "requests": self.requests,
+            "events_per_second": round(self.events / seconds, 3) if seconds > 0 else None,
+            "requests_per_second": round(self.requests / seconds, 3) if seconds > 0 else None,
+            "refused_in_window": self.refused,
+        }
+
+
+def window(samples: list[Sample], start: int, end: int, skip_requests: int) -> Window:
+    """The phase's window once ``skip_requests`` of its requests are spent (the burst).
 
     ``start``/``end``: sample indexes of the phase's first and last sample. The window
     opens at the first sample where the phase has used ``skip_requests`` requests, and
@@ -304,20 +344,32 @@ def steady(samples: list[Sample], start: int, end: int, skip_requests: int) -> d
         (s for s in samples[start : end + 1] if s.requests - first.requests >= skip_requests),
         first,
     )
-    seconds = last.t - opened.t
-    events = last.delivered - opened.delivered
-    requests = last.requests - opened.requests
-    return {
-        "window_seconds": round(seconds, 2),
-        "events": events,
-        "requests": requests,
-        "events_per_second": round(events / seconds, 3) if seconds > 0 else None,
-        "requests_per_second": round(requests / seconds, 3) if seconds > 0 else None,
-        "refused_in_window": last.refused - opened.refused,
-    }
+    return Window(
+        last.t - opened.t,
+        last.delivered - opened.delivered,
+        last.requests - opened.requests,
+        last.refused - opened.refused,
+    )
 
 
-def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, Any]:
+def steady(samples: list[Sample], start: int, end: int, skip_requests: int) -> dict[str, Any]:
+    """:func:`window`, reported."""
+    return window(samples, start, end, skip_requests).report()
+
+
+@dataclass
+class Round:
+    """Sample indexes of one follow-up round: before its first webhook, after its last
+    webhook was accepted, and when its last event was delivered."""
+
+    number: int
+    start: int
+    posted: int
+    end: int
+    complete: bool
+
+
+def run_crm(crm: Crm, tickets: int, rounds: int, workdir: Path, limit: float) -> dict[str, Any]:
     wd = workdir / crm.name
     wd.mkdir()
     port = c.free_port()
@@ -339,18 +391,26 @@ def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, An
         t0 = time.monotonic()
         done_new = wait_for(sampler, tickets, limit)
         end_new = len(sampler.samples) - 1
-        # phase "follow-up": one more event per ticket, posted as webhooks
-        start_follow = len(sampler.samples) - 1
+        # phase "follow-up": rounds of one more event per ticket, posted as webhooks; a
+        # round starts once the previous one is delivered (one pending event per ticket).
+        done_rounds: list[Round] = []
         with httpx.Client(base_url=base, timeout=10) as client:
-            for i in range(tickets):
-                r = client.post(
-                    f"/hooks/{c.SOURCE}", json=follow_up(i), headers={"X-Syncd-Secret": c.SECRET}
-                )
-                r.raise_for_status()
-        # From here the follow-ups are a backlog; before, they trickled in as posted.
-        posted_follow = len(sampler.samples) - 1
-        done_follow = done_new and wait_for(sampler, 2 * tickets, limit)
-        end_follow = len(sampler.samples) - 1
+            for number in range(1, rounds + 1) if done_new else ():
+                start = len(sampler.samples) - 1
+                for i in range(tickets):
+                    r = client.post(
+                        f"/hooks/{c.SOURCE}",
+                        json=follow_up(i, number),
+                        headers={"X-Syncd-Secret": c.SECRET},
+                    )
+                    r.raise_for_status()
+                # From here the round is a backlog; before, it trickled in as posted.
+                posted = len(sampler.samples) - 1
+                done = wait_for(sampler, tickets * (1 + number), limit)
+                done_rounds.append(Round(number, start, posted, len(sampler.samples) - 1, done))
+                if not done:
+                    break
+        done_follow = len(done_rounds) == rounds and all(r.complete for r in done_rounds)
         total_s = time.monotonic() - t0
         time.sleep(0.3)  # anything late (a retry) shows in the counters
     finally:
@@ -362,10 +422,37 @@ def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, An
     # The burst: what the CRM lets through at once, less what the client keeps in reserve.
     burst_used = min(crm.burst, crm.client_burst)
     new = steady(samples, 0, end_new, burst_used)
-    # The share is taken once every follow-up has arrived (a backlog, like the new phase);
-    # the rate from the first webhook on, arrival included, is kept beside it.
-    follow = steady(samples, posted_follow, end_follow, 0)
-    follow_with_arrival = steady(samples, start_follow, end_follow, 0)
+    # Each round's share is taken once all its follow-ups have arrived (a backlog, like the
+    # new phase); the rate from its first webhook on, arrival included, is kept beside it.
+    # The phase: the rounds' events (and requests) over the sum of their windows' seconds.
+    per_round = []
+    follow, follow_with_arrival = Window(0.0, 0, 0, 0), Window(0.0, 0, 0, 0)
+    whole = Window(0.0, 0, 0, 0)
+    for rd in done_rounds:
+        backlog = window(samples, rd.posted, rd.end, 0)
+        arrival = window(samples, rd.start, rd.end, 0)
+        span = Window(
+            samples[rd.end].t - samples[rd.start].t,
+            tickets,
+            samples[rd.end].requests - samples[rd.start].requests,
+            samples[rd.end].refused - samples[rd.start].refused,
+        )
+        follow += backlog
+        follow_with_arrival += arrival
+        whole += span
+        per_round.append(
+            {
+                "round": rd.number,
+                "complete": rd.complete,
+                "events": tickets,
+                "requests": span.requests,
+                "seconds": round(span.seconds, 2),
+                "refused": span.refused,
+                "steady": backlog.report(),
+                "with_arrival": arrival.report(),
+            }
+        )
+    start_follow = done_rounds[0].start if done_rounds else len(samples) - 1
     phases["new"] = {
         "complete": done_new,
         "events": tickets,
@@ -376,12 +463,15 @@ def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, An
     }
     phases["follow_up"] = {
         "complete": done_follow,
-        "events": tickets,
-        "requests": samples[end_follow].requests - samples[start_follow].requests,
-        "seconds": round(samples[end_follow].t - samples[start_follow].t, 2),
-        "refused": samples[end_follow].refused - samples[start_follow].refused,
-        "steady": follow,
-        "with_arrival": follow_with_arrival,
+        "rounds": rounds,
+        "rounds_run": len(done_rounds),
+        "events": tickets * len(done_rounds),
+        "requests": whole.requests,
+        "seconds": round(whole.seconds, 2),
+        "refused": whole.refused,
+        "steady": follow.report(),
+        "with_arrival": follow_with_arrival.report() if done_rounds else None,
+        "per_round": per_round,
     }
     refused_after_burst = (
         new["refused_in_window"] + samples[-1].refused - samples[start_follow].refused
@@ -391,6 +481,9 @@ def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, An
         "limit": {"requests_per_second": crm.rate, "burst": crm.burst},
         "client_pacing": {"rate_per_second": crm.client_rate, "burst": crm.client_burst},
         "tickets": tickets,
+        "follow_up_rounds": rounds,
+        # One note per event (each carries one message): the new ticket's and each round's.
+        "expected_notes": tickets * (1 + len(done_rounds)),
         "phases": phases,
         "refused_total": samples[-1].refused - first.refused,
         "refused_after_burst": refused_after_burst,
@@ -399,6 +492,15 @@ def run_crm(crm: Crm, tickets: int, workdir: Path, limit: float) -> dict[str, An
         "total_seconds": round(total_s, 1),
         "exit_code": code,
         "log": str(daemon.log_path),
+    }
+
+
+def per_crm(spec: str) -> dict[str, int]:
+    """``bitrix24=1500,amocrm=300`` -> ``{"bitrix24": 1500, "amocrm": 300}``."""
+    return {
+        name.strip(): int(count)
+        for name, _, count in (part.partition("=") for part in spec.split(","))
+        if name.strip()
     }
 
 
@@ -454,23 +556,36 @@ def main() -> int:
         help="new tickets (and as many follow-ups) per CRM, e.g. bitrix24=1500,amocrm=300; "
         "enough that the burst is spent early in each phase",
     )
-    parser.add_argument("--limit", type=float, default=150.0, help="seconds allowed per phase")
+    parser.add_argument(
+        "--follow-up-rounds",
+        default=DEFAULT_ROUNDS,
+        help=f"follow-up rounds per CRM (default {DEFAULT_ROUNDS}; a CRM left out keeps its "
+        "default): each round posts one more comment_added per ticket once the previous "
+        "round is delivered, and is measured on its own",
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=150.0,
+        help="seconds allowed per phase (per round in the follow-up phase)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
 
     watch = c.LoadWatch()
     workdir = Path(tempfile.mkdtemp(prefix="syncd-bench-crm-"))
-    tickets = {
-        name.strip(): int(count)
-        for name, _, count in (part.partition("=") for part in args.tickets.split(","))
-    }
-    print(f"crm benchmark: tickets per CRM {tickets}, work dir {workdir}", flush=True)
+    tickets = per_crm(args.tickets)
+    rounds = per_crm(DEFAULT_ROUNDS) | per_crm(args.follow_up_rounds)
+    print(
+        f"crm benchmark: tickets per CRM {tickets}, follow-up rounds {rounds}, work dir {workdir}",
+        flush=True,
+    )
     makers = {"bitrix24": bitrix24, "amocrm": amocrm}
     results = []
     for name in [n.strip() for n in args.crm.split(",") if n.strip()]:
         crm = makers[name]()
         try:
-            result = run_crm(crm, tickets[name], workdir, args.limit)
+            result = run_crm(crm, tickets[name], rounds[name], workdir, args.limit)
         finally:
             crm.server.stop()
         ceiling = ceilings(name, crm.rate)
@@ -482,6 +597,9 @@ def main() -> int:
                 eps / ceil["per_event"], 3
             )
             result["phases"][phase]["share_of_shared_ceiling"] = round(eps / ceil["shared"], 3)
+        for rd in result["phases"]["follow_up"]["per_round"]:
+            eps = rd["steady"]["events_per_second"] or 0.0
+            rd["share_of_shared_ceiling"] = round(eps / ceiling["follow_up"]["shared"], 3)
         result["met"] = {
             phase: result["phases"][phase]["share_of_shared_ceiling"] >= TARGET
             for phase in ("new", "follow_up")
@@ -497,7 +615,20 @@ def main() -> int:
                 f"{p['events']} events; refused {p['refused']}",
                 flush=True,
             )
-        print(f"  {name}: records {result['records']}; requests {result['requests_by_method']}")
+            for rd in p.get("per_round", []):
+                s = rd["steady"]
+                print(
+                    f"    round {rd['round']}: {s['events_per_second']} events/s over "
+                    f"{s['window_seconds']} s ({rd['share_of_shared_ceiling']:.1%} of shared "
+                    f"ceiling; {rd['with_arrival']['events_per_second']} events/s with arrival); "
+                    f"{rd['requests']} requests for {rd['events']} events; "
+                    f"refused {rd['refused']}",
+                    flush=True,
+                )
+        print(
+            f"  {name}: records {result['records']} (notes expected "
+            f"{result['expected_notes']}); requests {result['requests_by_method']}"
+        )
     data = {
         "benchmark": NAME,
         "command": c.command_line(),
@@ -514,7 +645,9 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     ok = all(
-        r["phases"][p]["complete"] and r["records"]["deals"] == tickets[r["crm"]]
+        r["phases"][p]["complete"]
+        and r["records"]["deals"] == tickets[r["crm"]]
+        and r["records"]["notes"] == r["expected_notes"]
         for r in results
         for p in ("new", "follow_up")
     )
