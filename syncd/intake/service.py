@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -19,6 +19,18 @@ from syncd.store.models import QuarantineState
 from syncd.ticket import TicketEvent
 
 log = structlog.get_logger("syncd.intake")
+
+
+def _store_requests(
+    conn: Connection, requests: Sequence[tuple[list[IncomingEvent], float]]
+) -> list[list[outbox.Enqueued]]:
+    """The events of many requests stored by one ``enqueue_many``; each request's share back."""
+    stored = outbox.enqueue_many(conn, [(e, now) for events, now in requests for e in events])
+    shares, start = [], 0
+    for events, _ in requests:
+        shares.append(stored[start : start + len(events)])
+        start += len(events)
+    return shares
 
 
 @dataclass(frozen=True)
@@ -74,12 +86,7 @@ class Intake:
     async def store_events(self, source_name: str, events: list[TicketEvent]) -> Accepted:
         dests = self.destinations.get(source_name, ())
         incoming = [IncomingEvent.from_ticket_event(e, dests) for e in events]
-        now = time.time()
-
-        def _store(conn: Connection) -> list[outbox.Enqueued]:
-            return [outbox.enqueue(conn, item, now) for item in incoming]
-
-        stored = await self.store.writer.run(_store)
+        stored = await self.store.writer.run_grouped(_store_requests, (incoming, time.time()))
         if any(not s.duplicate for s in stored):
             self.on_stored()
         return Accepted(

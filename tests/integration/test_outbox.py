@@ -9,7 +9,7 @@ from sqlalchemy import select
 from syncd.events import IncomingEvent
 from syncd.retry import outbox
 from syncd.store import Store
-from syncd.store.models import DeliveryState, attempts, deliveries
+from syncd.store.models import DeliveryState, attempts, deliveries, events
 
 NOW = 1_700_000_000.0
 
@@ -207,3 +207,81 @@ async def test_writer_batches_and_isolates_failures(store: Store) -> None:
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(errors) == 1 and str(errors[0]) == "bad job"
     assert len(lease(store)) == 50
+
+
+def _stored(store: Store) -> dict[int, tuple[str, str | None]]:
+    """Event id -> (ticket, dedup key), and every delivery's ordering key checked against it."""
+    with store.read_engine.connect() as c:
+        rows = {
+            int(r.id): (r.ticket_id, r.dedup_key)
+            for r in c.execute(select(events.c.id, events.c.ticket_id, events.c.dedup_key))
+        }
+        for d in c.execute(select(deliveries.c.event_id, deliveries.c.ordering_key)):
+            assert d.ordering_key == outbox.ordering_key("hd", rows[d.event_id][0])
+    return rows
+
+
+def test_enqueue_many_maps_each_event_to_its_own_row(store: Store) -> None:
+    """A batch of 100 (cut into 64+32+4 rows per statement): each event gets its own id."""
+    put(store, ev("before"))
+    batch = [
+        (ev(f"m{i}", dests=("crm", "erp") if i % 3 == 0 else ("crm",)), NOW + i) for i in range(100)
+    ]
+    result = store.write_sync(lambda c: outbox.enqueue_many(c, batch))
+    rows = _stored(store)
+    assert [rows[r.event_id][0] for r in result] == [f"m{i}" for i in range(100)]
+    assert [r.deliveries for r in result] == [2 if i % 3 == 0 else 1 for i in range(100)]
+    assert not any(r.duplicate for r in result)
+    assert len(lease(store, now=NOW + 200, limit=500)) == 1 + sum(r.deliveries for r in result)
+
+
+def test_enqueue_many_with_duplicates_stores_each_change_once(store: Store) -> None:
+    """A key stored earlier, and one repeated inside the batch: stored once, reported as such."""
+    [first] = put(store, ev("d0", dedup_key="k0"))
+    batch = [
+        (ev("d1", dedup_key="k1"), NOW),
+        (ev("d0", dedup_key="k0"), NOW),  # stored before this batch
+        (ev("d2"), NOW),  # no key: never merged
+        (ev("d1", dedup_key="k1"), NOW),  # repeats the first of this batch
+    ]
+    result = store.write_sync(lambda c: outbox.enqueue_many(c, batch))
+    assert [r.duplicate for r in result] == [False, True, False, True]
+    assert result[1].event_id == first.event_id and result[3].event_id == result[0].event_id
+    assert [r.deliveries for r in result] == [1, 0, 1, 0]
+    rows = _stored(store)
+    assert sorted(t for t, _ in rows.values()) == ["d0", "d1", "d2"]
+    assert len(lease(store)) == 3
+
+
+async def test_grouped_writes_share_one_call(store: Store) -> None:
+    """Concurrent grouped jobs reach the group function together; plain jobs keep their place."""
+    calls: list[int] = []
+
+    def group(conn: object, items: list[str]) -> list[outbox.Enqueued]:
+        calls.append(len(items))
+        return outbox.enqueue_many(conn, [(ev(t), NOW) for t in items])  # type: ignore[arg-type]
+
+    jobs = [store.writer.run_grouped(group, f"g{i}") for i in range(40)]
+    plain = store.writer.run(lambda c: outbox.enqueue(c, ev("plain"), NOW))
+    results = await asyncio.gather(*jobs[:20], plain, *jobs[20:])
+    assert sum(calls) == 40 and max(calls) > 1
+    rows = _stored(store)
+    tickets = [rows[r.event_id][0] for r in results]
+    assert tickets == [f"g{i}" for i in range(20)] + ["plain"] + [f"g{i}" for i in range(20, 40)]
+
+
+async def test_grouped_write_failing_fails_alone(store: Store) -> None:
+    """One bad item sinks the shared call; each item is then written on its own."""
+
+    def group(conn: object, items: list[str]) -> list[outbox.Enqueued]:
+        if "bad" in items:
+            raise ValueError("bad item")
+        return outbox.enqueue_many(conn, [(ev(t), NOW) for t in items])  # type: ignore[arg-type]
+
+    names = [f"h{i}" for i in range(10)] + ["bad"] + [f"h{i}" for i in range(10, 20)]
+    results = await asyncio.gather(
+        *(store.writer.run_grouped(group, n) for n in names), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 1 and str(errors[0]) == "bad item"
+    assert sorted(t for t, _ in _stored(store).values()) == sorted(n for n in names if n != "bad")
