@@ -114,6 +114,8 @@ class IntakeCounter:
         self.counter = counter
         #: Only configured names become labels: random paths must not grow the series.
         self.sources = frozenset(sources)
+        #: One labelled child per (source, status), looked up once: ``labels()`` is not free.
+        self._children: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -126,7 +128,11 @@ class IntakeCounter:
 
         async def _send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.counter.labels(source, str(message["status"])).inc()
+                key = (source, message["status"])
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self.counter.labels(source, str(key[1]))
+                child.inc()
             await send(message)
 
         await self.app(scope, receive, _send)

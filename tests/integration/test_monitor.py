@@ -12,13 +12,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
+from starlette.middleware.sessions import SessionMiddleware
 
 from syncd.config import Config, parse_config
 from syncd.daemon import build_app, build_intake
 from syncd.events import IncomingEvent
+from syncd.intake.routes import FrontDoor
 from syncd.monitor.app import Monitor, build_monitor
+from syncd.monitor.metrics import IntakeCounter
 from syncd.monitor.passwords import hash_password
 from syncd.retry import outbox
 from syncd.store import Store
@@ -635,6 +639,29 @@ def test_admin_reingests_a_quarantined_webhook_after_a_config_fix(env: Env, stor
     assert env.client(VIEWER).post(f"/api/v1/quarantine/{item}/reingest").status_code == 403
 
 
+def test_webhooks_skip_the_monitors_middleware(env: Env) -> None:
+    """Webhooks go to a FastAPI app holding only their route, counted, with none of the
+    monitor's middleware; everything else, a logged-in browser included, to the web app."""
+    front = env.app
+    assert isinstance(front, FrontDoor) and isinstance(front.hooks, IntakeCounter)
+    hooks = front.hooks.app
+    assert isinstance(hooks, FastAPI) and hooks.user_middleware == []
+    assert set(hooks.openapi()["paths"]) == {"/hooks/{source_name}"}
+    assert any(m.cls is SessionMiddleware for m in front.web.user_middleware)
+
+    browser = env.client()
+    login(browser, "anna", ADMIN_PW)
+    hook = browser.post(
+        "/hooks/hd",
+        json={"event": "ticket_created", "ticket_id": "front-1"},
+        headers={"X-Syncd-Secret": "hook-secret-value"},
+    )
+    assert hook.status_code == 202, hook.text
+    assert browser.get("/events?ticket=front-1").status_code == 200
+    assert env.client(ADMIN).get("/api/v1/events?ticket=front-1").json()["items"]
+    assert env.client().get("/hooks/hd").status_code == 405
+
+
 def test_openapi_describes_the_monitor_api(env: Env) -> None:
     spec = env.client(VIEWER).get("/api/v1/openapi.json").json()
     for path in (
@@ -651,6 +678,7 @@ def test_openapi_describes_the_monitor_api(env: Env) -> None:
         "/api/v1/audit",
         "/readyz",
         "/metrics",
+        "/hooks/{source_name}",
     ):
         assert path in spec["paths"], path
     names = {p["name"] for p in spec["paths"]["/api/v1/events"]["get"]["parameters"]}
