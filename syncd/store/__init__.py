@@ -51,7 +51,9 @@ class Store:
             path = sqlite.database_path(url)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self.write_engine: Engine = create_engine(url, pool_size=1, max_overflow=0)
+            # Two: the writer thread holds one; write_sync (CLI tools, tests) takes the
+            # other and waits for SQLite's write lock like any second writer.
+            self.write_engine: Engine = create_engine(url, pool_size=2, max_overflow=0)
             sqlite.configure(self.write_engine, busy_timeout_ms=busy_timeout_ms, immediate=True)
             self.read_engine: Engine = create_engine(url, pool_size=4, max_overflow=4)
             sqlite.configure(self.read_engine, busy_timeout_ms=busy_timeout_ms, immediate=False)

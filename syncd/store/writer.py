@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -34,12 +35,18 @@ _STOP = object()
 
 @dataclass
 class _Job:
-    fn: Callable[[Connection], Any]
+    fn: Callable[[Connection], Any] | None
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     #: Set for jobs from ``run_grouped``: neighbours with the same ``group`` run as one call.
     group: Grouped[Any, Any] | None = None
     item: Any = None
+
+    def __call__(self, conn: Connection) -> Any:
+        if self.fn is not None:
+            return self.fn(conn)
+        assert self.group is not None
+        return self.group(conn, [self.item])[0]
 
 
 _Answer = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -79,6 +86,9 @@ class StoreWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._started = False
+        #: Held between batches: a pool checkout and return per commit (and, on
+        #: PostgreSQL, a ping) cost more than the inserts of a small batch.
+        self._conn: Connection | None = None
 
     def start(self) -> None:
         if not self._started:
@@ -98,11 +108,7 @@ class StoreWriter:
         ``group`` call, so a burst costs a few statements instead of a few per job."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-
-        def alone(conn: Connection) -> T:
-            return group(conn, [item])[0]
-
-        self._queue.put(_Job(alone, future, loop, group, item))
+        self._queue.put(_Job(None, future, loop, group, item))
         return await future
 
     def close(self) -> None:
@@ -112,6 +118,40 @@ class StoreWriter:
             self._started = False
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._drop_connection()
+
+    def _in_transaction(self, body: Callable[[Connection], T]) -> T:
+        """``body`` in one transaction on the held connection. If that connection
+        turns out to be dead (PostgreSQL restarted, an idle timeout), once more on a
+        fresh one; nothing was committed by the failed try."""
+        reused = self._conn is not None
+        try:
+            return self._once(body)
+        except DBAPIError as exc:
+            if not (reused and exc.connection_invalidated):
+                raise
+        return self._once(body)
+
+    def _once(self, body: Callable[[Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        try:
+            with self._conn.begin():
+                return body(self._conn)
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _serve(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -136,18 +176,22 @@ class StoreWriter:
         transaction is rolled back and each job runs again in its own, so one bad
         job fails alone. Jobs are plain functions of the connection, so running
         one again after a rollback is safe."""
-        results: list[Any] = []
+
+        def body(conn: Connection) -> list[Any]:
+            results: list[Any] = []
+            for run in _runs(batch):
+                group = run[0].group
+                if group is None or len(run) == 1:
+                    results.extend(job(conn) for job in run)
+                    continue
+                answers = group(conn, [job.item for job in run])
+                if len(answers) != len(run):
+                    raise RuntimeError(f"{group!r} gave {len(answers)} results for {len(run)}")
+                results.extend(answers)
+            return results
+
         try:
-            with self._engine.begin() as conn:
-                for run in _runs(batch):
-                    group = run[0].group
-                    if group is None or len(run) == 1:
-                        results.extend(job.fn(conn) for job in run)
-                        continue
-                    answers = group(conn, [job.item for job in run])
-                    if len(answers) != len(run):
-                        raise RuntimeError(f"{group!r} gave {len(answers)} results for {len(run)}")
-                    results.extend(answers)
+            results = self._in_transaction(body)
         except Exception as exc:
             if len(batch) == 1:
                 _notify(batch[0], None, exc)
@@ -159,8 +203,7 @@ class StoreWriter:
 
     def _commit_one(self, job: _Job) -> None:
         try:
-            with self._engine.begin() as conn:
-                result = job.fn(conn)
+            result = self._in_transaction(job)
         except Exception as exc:
             _notify(job, None, exc)
             return

@@ -285,3 +285,30 @@ async def test_grouped_write_failing_fails_alone(store: Store) -> None:
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(errors) == 1 and str(errors[0]) == "bad item"
     assert sorted(t for t, _ in _stored(store).values()) == sorted(n for n in names if n != "bad")
+
+
+async def test_writer_replaces_a_connection_the_server_dropped(pg_url: str) -> None:
+    """The writer keeps its connection between commits; when PostgreSQL drops it
+    (a restart, an idle timeout), the next write goes through on a fresh one."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_DSN
+
+    store = Store(pg_url)
+    store.migrate()
+    store.start()
+    try:
+        first = await store.writer.run(lambda c: outbox.enqueue(c, ev("before"), NOW))
+        pid = await store.writer.run(
+            lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        )
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        after = await store.writer.run(lambda c: outbox.enqueue(c, ev("after"), NOW))
+        assert after.event_id == first.event_id + 1
+        new_pid = await store.writer.run(
+            lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        )
+        assert new_pid != pid
+    finally:
+        store.close()
