@@ -7,6 +7,7 @@ reconciler decides what is missing.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import BaseModel
 
+from syncd.errors import InvalidPayload
 from syncd.ticket import TicketEvent
 
 
@@ -89,10 +91,6 @@ class Poller(ABC):
 
 def json_object(body: bytes) -> dict[str, Any]:
     """Parse a JSON object body or raise InvalidPayload with a readable reason."""
-    import json
-
-    from syncd.errors import InvalidPayload
-
     try:
         data = json.loads(body)
     except UnicodeDecodeError:

@@ -37,13 +37,15 @@ def intake_router(intake: Intake, *, max_body_bytes: int) -> APIRouter:
 
     @router.post("/hooks/{source_name}", status_code=202, tags=["intake"])
     async def receive(source_name: str, request: Request) -> JSONResponse:
+        scope = request.scope
         try:
             intake.source(source_name)
             body = await _read_limited(request, max_body_bytes)
             raw = RawRequest(
                 body=body,
-                headers={k.lower(): v for k, v in request.headers.items()},
-                query=dict(request.query_params),
+                # ASGI header names are lower-case already.
+                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+                query=dict(request.query_params) if scope["query_string"] else {},
                 received_at=time.time(),
             )
             outcome = await intake.receive(source_name, raw)
@@ -71,10 +73,12 @@ def hooks_app(router: APIRouter) -> FastAPI:
 
     Why: every webhook used to pass the monitor's middleware (sessions, its exception
     handlers) and be matched against all of its routes first. Served from here it
-    costs what any one-route FastAPI app costs, plus intake's own work.
+    costs what any one-route FastAPI app costs, plus intake's own work. The route is
+    added as it is, not through ``include_router``, whose wrapper re-checks every
+    request on its way in.
     """
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(router)
+    app.router.routes.extend(router.routes)
     return app
 
 
