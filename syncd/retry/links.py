@@ -14,7 +14,9 @@ from syncd.store.dialect import fetch, in_list, run_many
 
 _SELECT = (
     "SELECT entity, external_key, crm_id, url, delivery_id FROM links"
-    " WHERE destination = ? AND external_key IN {keys}"
+    # entity too, so the look-up uses the whole (destination, entity, external_key)
+    # index instead of reading every link of the destination.
+    " WHERE destination = ? AND entity IN {entities} AND external_key IN {keys}"
 )
 _OWNER_STATES = "SELECT id, state FROM deliveries WHERE id IN {ids}"
 _INTEND = (
@@ -306,11 +308,13 @@ def _stored_links(
 ) -> dict[tuple[str, str], tuple[str | None, str | None, int | None]]:
     if not keys:
         return {}
-    marks, params = in_list(sorted({key for _, key in keys}))
+    entity_marks, entities = in_list(sorted({entity for entity, _ in keys}))
+    key_marks, key_values = in_list(sorted({key for _, key in keys}))
+    sql = _SELECT.format(entities=entity_marks, keys=key_marks)
     return {
         (entity, key): (crm_id, url, owner)
         for entity, key, crm_id, url, owner in fetch(
-            conn, _SELECT.format(keys=marks), (destination, *params)
+            conn, sql, (destination, *entities, *key_values)
         )
         if (entity, key) in keys
     }

@@ -364,3 +364,46 @@ async def test_a_row_that_cannot_be_mapped_does_not_stop_its_batch(
     assert [r["external_key"] for r in state.records.values() if r["entity"] == "deal"] == [
         "hd:ticket:good"
     ]
+
+
+def test_link_look_up_reads_only_the_links_it_asks_for(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the links a batch needs goes straight to them through the unique index,
+    however many links the destination has (it used to read all of them each lease)."""
+    from syncd.retry import links
+    from syncd.store.dialect import fetch
+
+    now = time.time()
+    rows = [("crm", "deal", f"hd:{i}", str(i), None, None, now, now) for i in range(2000)]
+    rows += [
+        ("crm", "contact", f"email:c{i}@x.test", f"c{i}", None, None, now, now) for i in range(2000)
+    ]
+    store.write_sync(lambda c: links.record_many(c, rows))
+    wanted = {("deal", "hd:7"), ("contact", "email:c7@x.test"), ("deal", "hd:missing")}
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+
+    def recording(conn: Any, sql: str, params: Any = ()) -> Any:
+        statements.append((sql, tuple(params)))
+        return fetch(conn, sql, params)
+
+    monkeypatch.setattr(links, "fetch", recording)
+    found = store.write_sync(lambda c: links._stored_links(c, "crm", wanted))
+    assert found == {
+        ("deal", "hd:7"): ("7", None, None),
+        ("contact", "email:c7@x.test"): ("c7", None, None),
+    }
+    [(sql, params)] = statements
+    with store.read_engine.connect() as c:
+        if store.is_sqlite:
+            plan = " ".join(
+                str(r[-1]) for r in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+            )
+            assert "entity=? AND external_key=?" in plan, plan
+        else:
+            c.exec_driver_sql("ANALYZE links")
+            plan = " ".join(
+                str(r[0]) for r in c.exec_driver_sql("EXPLAIN " + sql.replace("?", "%s"), params)
+            )
+            assert "Index Cond" in plan and "external_key)::text = ANY" in plan, plan
+            assert "Filter" not in plan, plan
