@@ -34,7 +34,15 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 
 from syncd.events import IncomingEvent
-from syncd.store.dialect import fetch, in_list, run, run_many, skip_locked, upsert
+from syncd.store.dialect import (
+    fetch,
+    ids_in_values_order,
+    in_list,
+    run,
+    run_many,
+    skip_locked,
+    upsert,
+)
 from syncd.store.models import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -262,14 +270,13 @@ def enqueue_many(conn: Connection, items: Sequence[tuple[IncomingEvent, float]])
     another) takes the one-by-one path, which handles duplicates exactly; so does
     PostgreSQL, where other replicas take ids from the same sequence meanwhile.
     """
-    if conn.dialect.name != "sqlite" or len(items) < 2:
+    if not ids_in_values_order(conn) or len(items) < 2:
         return [enqueue(conn, event, now) for event, now in items]
     keys = [(e.source, e.dedup_key) for e, _ in items if e.dedup_key is not None]
     if len(set(keys)) != len(keys):
         return [enqueue(conn, event, now) for event, now in items]
-    # The writer holds SQLite's write lock (BEGIN IMMEDIATE), so no one else inserts
-    # until commit, and a table whose key is a plain INTEGER PRIMARY KEY gives each new
-    # row the largest id so far plus one, in the order of the VALUES.
+    # No one else inserts until commit, and each new row gets the largest id so far
+    # plus one, in the order of the VALUES (see ids_in_values_order); checked below.
     [(newest,)] = fetch(conn, "SELECT coalesce(max(id), 0) FROM events")
     if int(newest) + len(items) >= _MAX_ROWID:
         return [enqueue(conn, event, now) for event, now in items]

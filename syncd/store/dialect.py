@@ -135,3 +135,12 @@ def skip_locked(conn: Connection, table: str) -> str:
     SQLite has one writer at a time, so there is nothing to skip.
     """
     return f" FOR UPDATE OF {table} SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
+
+
+def ids_in_values_order(conn: Connection) -> bool:
+    """True where a multi-row INSERT gives its rows consecutive ids in VALUES order,
+    following the largest id so far, with no one else inserting meanwhile: SQLite,
+    whose writer holds the database's only write lock (BEGIN IMMEDIATE) and hands out
+    ``max(id) + 1`` for an INTEGER PRIMARY KEY. On PostgreSQL other replicas draw
+    from the same sequence at the same time."""
+    return bool(conn.dialect.name == "sqlite")
