@@ -368,8 +368,11 @@ class LoadWatch:
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    """``bench/results/<name>.json``, or under ``$SYNCD_BENCH_RESULTS`` (the smoke tests,
+    which must not overwrite the recorded results)."""
+    folder = Path(os.environ.get("SYNCD_BENCH_RESULTS") or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
