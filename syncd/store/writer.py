@@ -17,12 +17,12 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -80,7 +80,14 @@ def _resolve_all(batch: list[_Answer]) -> None:
 class StoreWriter:
     """Runs write jobs on one thread, committing them in batches."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 512, name: str = "syncd-writer") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 512,
+        name: str = "syncd-writer",
+        idle_check_seconds: float = 1.0,
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -89,6 +96,9 @@ class StoreWriter:
         #: Held between batches: a pool checkout and return per commit (and, on
         #: PostgreSQL, a ping) cost more than the inserts of a small batch.
         self._conn: Connection | None = None
+        self._used_at = 0.0
+        #: A connection idle longer than this is checked before its next batch.
+        self._idle_check_seconds = idle_check_seconds
 
     def start(self) -> None:
         if not self._started:
@@ -124,26 +134,34 @@ class StoreWriter:
             self._drop_connection()
 
     def _in_transaction(self, body: Callable[[Connection], T]) -> T:
-        """``body`` in one transaction on the held connection. If that connection
-        turns out to be dead (PostgreSQL restarted, an idle timeout), once more on a
-        fresh one; nothing was committed by the failed try."""
-        reused = self._conn is not None
+        """``body`` in one transaction on the held connection; after any error the
+        connection is let go, and the next batch takes a fresh one."""
+        conn = self._connection()
         try:
-            return self._once(body)
-        except DBAPIError as exc:
-            if not (reused and exc.connection_invalidated):
-                raise
-        return self._once(body)
-
-    def _once(self, body: Callable[[Connection], T]) -> T:
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        try:
-            with self._conn.begin():
-                return body(self._conn)
+            with conn.begin():
+                result = body(conn)
         except BaseException:
             self._drop_connection()
             raise
+        self._used_at = time.monotonic()
+        return result
+
+    def _connection(self) -> Connection:
+        """The held connection, checked first if it sat idle for a while: a server
+        that restarted or timed it out meanwhile must not fail the next batch. A
+        failed batch is never run again here: a commit whose answer was lost may
+        have happened."""
+        conn = self._conn
+        if conn is not None and time.monotonic() - self._used_at > self._idle_check_seconds:
+            try:
+                conn.exec_driver_sql("SELECT 1")
+                conn.rollback()
+            except Exception:
+                self._drop_connection()
+                conn = None
+        if conn is None:
+            conn = self._conn = self._engine.connect()
+        return conn
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

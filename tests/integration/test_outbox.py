@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from syncd.events import IncomingEvent
@@ -288,27 +290,43 @@ async def test_grouped_write_failing_fails_alone(store: Store) -> None:
 
 
 async def test_writer_replaces_a_connection_the_server_dropped(pg_url: str) -> None:
-    """The writer keeps its connection between commits; when PostgreSQL drops it
-    (a restart, an idle timeout), the next write goes through on a fresh one."""
+    """The writer keeps its connection between commits. If PostgreSQL drops it (a
+    restart, an idle timeout): a batch that finds it dead fails and is not run again
+    (its commit might have happened), and the next batch gets a fresh connection;
+    a connection that sat idle is checked before use, so that batch does not fail."""
     import psycopg
+    from sqlalchemy.exc import DBAPIError
 
+    from syncd.store.writer import StoreWriter
     from tests.conftest import PG_ADMIN_DSN
+
+    def backend_pid(c: Any) -> int:
+        return int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+    def kill(pid: int) -> None:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     store = Store(pg_url)
     store.migrate()
     store.start()
+    checked = StoreWriter(store.write_engine, idle_check_seconds=0.0)
+    checked.start()
     try:
-        first = await store.writer.run(lambda c: outbox.enqueue(c, ev("before"), NOW))
-        pid = await store.writer.run(
-            lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-        )
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        after = await store.writer.run(lambda c: outbox.enqueue(c, ev("after"), NOW))
-        assert after.event_id == first.event_id + 1
-        new_pid = await store.writer.run(
-            lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-        )
-        assert new_pid != pid
+        pid = await store.writer.run(backend_pid)
+        kill(pid)
+        with pytest.raises(DBAPIError):
+            await store.writer.run(lambda c: outbox.enqueue(c, ev("lost"), NOW))
+        await store.writer.run(lambda c: outbox.enqueue(c, ev("after"), NOW))
+        assert await store.writer.run(backend_pid) != pid
+
+        pid = await checked.run(backend_pid)
+        kill(pid)
+        await checked.run(lambda c: outbox.enqueue(c, ev("checked"), NOW))
+        assert await checked.run(backend_pid) != pid
+        with store.read_engine.connect() as c:
+            tickets = sorted(r[0] for r in c.execute(select(events.c.ticket_id)))
+        assert tickets == ["after", "checked"]
     finally:
+        checked.close()
         store.close()
