@@ -367,6 +367,18 @@ class LoadWatch:
 # --- results -------------------------------------------------------------------
 
 
+def result_header(name: str, watch: LoadWatch) -> dict[str, Any]:
+    """What every results file starts with: which benchmark, how it was run, on what."""
+    return {
+        "benchmark": name,
+        "command": command_line(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "syncd_revision": git_revision(),
+        "machine": machine_facts(),
+        "machine_load": watch.result(),
+    }
+
+
 def write_results(name: str, data: dict[str, Any]) -> Path:
     """``bench/results/<name>.json``, or under ``$SYNCD_BENCH_RESULTS`` (the smoke tests,
     which must not overwrite the recorded results)."""

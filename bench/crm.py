@@ -630,12 +630,7 @@ def main() -> int:
             f"{result['expected_notes']}); requests {result['requests_by_method']}"
         )
     data = {
-        "benchmark": NAME,
-        "command": c.command_line(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "syncd_revision": c.git_revision(),
-        "machine": c.machine_facts(),
-        "machine_load": watch.result(),
+        **c.result_header(NAME, watch),
         "concurrency": 16,
         "target_share": TARGET,
         "results": results,

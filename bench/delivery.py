@@ -265,12 +265,7 @@ def main() -> int:
 
     vs_huey, vs_loop = ratio("syncd", "huey"), ratio("syncd", "loop")
     data = {
-        "benchmark": NAME,
-        "command": c.command_line(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "syncd_revision": c.git_revision(),
-        "machine": c.machine_facts(),
-        "machine_load": watch.result(),
+        **c.result_header(NAME, watch),
         "receiver": "bench/receiver.py (raw asyncio HTTP/1.1, separate process)",
         "distinct_tickets": args.events,
         "limit_s": args.limit,

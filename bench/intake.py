@@ -203,14 +203,8 @@ def main() -> int:
                 + (" ok" if dur["ok"] else " MISMATCH"),
             ]
         )
-    load = watch.result()
     data: dict[str, Any] = {
-        "benchmark": NAME,
-        "command": c.command_line(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "syncd_revision": c.git_revision(),
-        "machine": c.machine_facts(),
-        "machine_load": load,
+        **c.result_header(NAME, watch),
         "load": {
             "tool": "wrk",
             "threads": args.threads,

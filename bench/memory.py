@@ -100,12 +100,7 @@ def main() -> int:
         else 0.0
     )
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "command": c.command_line(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "syncd_revision": c.git_revision(),
-        "machine": c.machine_facts(),
-        "machine_load": watch.result(),
+        **c.result_header(NAME, watch),
         "events": args.events,
         "distinct_tickets": args.events,
         "sample_interval_s": sampler.interval,

@@ -661,12 +661,7 @@ def main() -> int:
     worst = max(counted, key=lambda r: r["p95_ms"])
     peak = sampler.peak_mb()
     data = {
-        "benchmark": NAME,
-        "command": c.command_line(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "syncd_revision": c.git_revision(),
-        "machine": c.machine_facts(),
-        "machine_load": watch.result(),
+        **c.result_header(NAME, watch),
         "store": {
             **meta,
             "file_mb": round(cached_db.stat().st_size / 2**20, 1),
