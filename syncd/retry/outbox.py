@@ -29,6 +29,7 @@ import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
@@ -135,17 +136,37 @@ class Outcome:
 
 _ACTIVE = "('pending', 'in_flight', 'retry_wait')"
 
-_INSERT_EVENT = (
-    "INSERT INTO events (source, ticket_id, kind, dedup_key, payload, received_at, occurred_at,"
-    " recovered_by_poll, client_email, client_phone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (source, dedup_key) DO NOTHING RETURNING id"
+_EVENT_COLUMNS = (
+    "source, ticket_id, kind, dedup_key, payload, received_at, occurred_at,"
+    " recovered_by_poll, client_email, client_phone"
 )
+_EVENT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_DELIVERY_COLUMNS = (
+    "event_id, destination, source, ordering_key, state, attempts,"
+    " next_attempt_at, outcome_unknown, created_at, updated_at"
+)
+_DELIVERY_ROW = "(?, ?, ?, ?, 'pending', 0, ?, FALSE, ?, ?)"
+
+
+@cache
+def _insert_events(rows: int) -> str:
+    return (
+        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES "
+        + ", ".join([_EVENT_ROW] * rows)
+        + " ON CONFLICT (source, dedup_key) DO NOTHING"
+    )
+
+
+@cache
+def _insert_deliveries(rows: int) -> str:
+    return f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES " + ", ".join(
+        [_DELIVERY_ROW] * rows
+    )
+
+
+_INSERT_EVENT = _insert_events(1) + " RETURNING id"
 _EXISTING_EVENT = "SELECT id FROM events WHERE source = ? AND dedup_key = ?"
-_INSERT_DELIVERY = (
-    "INSERT INTO deliveries (event_id, destination, source, ordering_key, state, attempts,"
-    " next_attempt_at, outcome_unknown, created_at, updated_at)"
-    " VALUES (?, ?, ?, ?, 'pending', 0, ?, FALSE, ?, ?)"
-)
+_INSERT_DELIVERY = _insert_deliveries(1)
 #: Due deliveries that head their ticket's queue: no older one of the same
 #: (destination, ordering_key) is still active.
 _PICK = (
@@ -220,16 +241,6 @@ def enqueue(conn: Connection, event: IncomingEvent, now: float) -> Enqueued:
 #: driver's statement cache holds every shape and 64 rows stay far below any
 #: parameter limit (10 per event).
 _CHUNKS = (64, 32, 16, 8, 4, 2, 1)
-_EVENT_COLUMNS = (
-    "source, ticket_id, kind, dedup_key, payload, received_at, occurred_at,"
-    " recovered_by_poll, client_email, client_phone"
-)
-_DELIVERY_COLUMNS = (
-    "event_id, destination, source, ordering_key, state, attempts,"
-    " next_attempt_at, outcome_unknown, created_at, updated_at"
-)
-_EVENT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_DELIVERY_ROW = "(?, ?, ?, ?, 'pending', 0, ?, FALSE, ?, ?)"
 _MAX_ROWID = 2**63 - 1
 
 
@@ -270,31 +281,29 @@ def enqueue_many(conn: Connection, items: Sequence[tuple[IncomingEvent, float]])
     another) takes the one-by-one path, which handles duplicates exactly; so does
     PostgreSQL, where other replicas take ids from the same sequence meanwhile.
     """
-    if not ids_in_values_order(conn) or len(items) < 2:
+
+    def one_by_one() -> list[Enqueued]:
         return [enqueue(conn, event, now) for event, now in items]
+
     keys = [(e.source, e.dedup_key) for e, _ in items if e.dedup_key is not None]
-    if len(set(keys)) != len(keys):
-        return [enqueue(conn, event, now) for event, now in items]
+    if not ids_in_values_order(conn) or len(items) < 2 or len(set(keys)) != len(keys):
+        return one_by_one()
     # No one else inserts until commit, and each new row gets the largest id so far
     # plus one, in the order of the VALUES (see ids_in_values_order); checked below.
     [(newest,)] = fetch(conn, "SELECT coalesce(max(id), 0) FROM events")
     if int(newest) + len(items) >= _MAX_ROWID:
-        return [enqueue(conn, event, now) for event, now in items]
+        return one_by_one()
     values = [_event_values(event, now) for event, now in items]
     stored = 0
     for start, size in _chunks(len(values)):
-        sql = (
-            f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES "
-            + ", ".join([_EVENT_ROW] * size)
-            + " ON CONFLICT (source, dedup_key) DO NOTHING"
-        )
-        stored += run(conn, sql, [v for row in values[start : start + size] for v in row])
+        flat = [v for row in values[start : start + size] for v in row]
+        stored += run(conn, _insert_events(size), flat)
     [(last,)] = fetch(conn, "SELECT max(id) FROM events")
     if stored != len(values) or int(last) != int(newest) + len(values):
         # Some were stored before (or ids were not handed out as expected):
         # undo this batch's rows and go one by one.
         run(conn, "DELETE FROM events WHERE id > ?", (int(newest),))
-        return [enqueue(conn, event, now) for event, now in items]
+        return one_by_one()
     result: list[Enqueued] = []
     rows: list[tuple[Any, ...]] = []
     for offset, (event, now) in enumerate(items):
@@ -303,10 +312,7 @@ def enqueue_many(conn: Connection, items: Sequence[tuple[IncomingEvent, float]])
         rows.extend((event_id, d, event.source, key, now, now, now) for d in event.destinations)
         result.append(Enqueued(event_id=event_id, deliveries=len(event.destinations)))
     for start, size in _chunks(len(rows)):
-        sql = f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES " + ", ".join(
-            [_DELIVERY_ROW] * size
-        )
-        run(conn, sql, [v for row in rows[start : start + size] for v in row])
+        run(conn, _insert_deliveries(size), [v for row in rows[start : start + size] for v in row])
     return result
 
 
