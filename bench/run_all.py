@@ -40,6 +40,18 @@ def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
+def section_head(title: str, d: dict[str, Any]) -> list[str]:
+    """A result's heading, the command that produced it, and what else the machine did."""
+    return [
+        title,
+        "",
+        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
+        "",
+        load_line(d),
+        "",
+    ]
+
+
 def load_line(d: dict[str, Any]) -> str:
     """What else the machine was doing: on 2 cores it moves every figure."""
     load = d.get("machine_load")
@@ -82,12 +94,7 @@ def intake_section(d: dict[str, Any]) -> list[str]:
             ]
         )
     return [
-        "### Intake: `POST /hooks/{source}`",
-        "",
-        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
-        "",
-        load_line(d),
-        "",
+        *section_head("### Intake: `POST /hooks/{source}`", d),
         f"Load: wrk, {load_['threads']} thread, {load_['connections']} connections, "
         f"{load_['duration_s']} s measured after a {load_['warmup_s']} s warm-up, the same for "
         "every server; one JSON ticket event per request with its own ticket id and the "
@@ -139,12 +146,7 @@ def delivery_section(d: dict[str, Any]) -> list[str]:
         )
     t = d["targets"]
     return [
-        "### Delivery: draining a 20,000-event backlog",
-        "",
-        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
-        "",
-        load_line(d),
-        "",
+        *section_head("### Delivery: draining a 20,000-event backlog", d),
         f"Receiver: {d['receiver']}; it counts every request, and each contender's count "
         f"must be exactly {d['contenders'][0]['events']:,}. {d['distinct_tickets']:,} distinct "
         "tickets, so syncd's per-ticket ordering never holds one event behind another.",
@@ -184,12 +186,7 @@ def memory_section(d: dict[str, Any]) -> list[str]:
         c.fmt(d["events_per_second"]),
     ]
     return [
-        "### Memory: peak RSS while draining a 100,000-event backlog",
-        "",
-        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
-        "",
-        load_line(d),
-        "",
+        *section_head("### Memory: peak RSS while draining a 100,000-event backlog", d),
         c.md_table(
             [
                 "backlog",
@@ -244,12 +241,9 @@ def crm_section(d: dict[str, Any]) -> list[str]:
     refused = ", ".join(f"{r['crm']} {r['refused_after_burst']}" for r in d["results"])
     met = all(all(r["met"].values()) for r in d["results"])
     return [
-        "### CRM: ticket events/s into the Bitrix24 and amoCRM emulators, rate-limited",
-        "",
-        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
-        "",
-        load_line(d),
-        "",
+        *section_head(
+            "### CRM: ticket events/s into the Bitrix24 and amoCRM emulators, rate-limited", d
+        ),
         c.md_table(
             [
                 "CRM (its limit)",
@@ -293,12 +287,7 @@ def monitor_section(d: dict[str, Any]) -> list[str]:
     ]
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(st["states"].items()))
     return [
-        "### Monitor: overview and events list at 1,000,000 events (SQLite)",
-        "",
-        f"Command: `{d['command']}` ({d['when']}, syncd {d['syncd_revision']})",
-        "",
-        load_line(d),
-        "",
+        *section_head("### Monitor: overview and events list at 1,000,000 events (SQLite)", d),
         f"Store: {st['events']:,} events, {st['deliveries']:,} deliveries ({counts}), "
         f"{st['attempts']:,} attempts, {st['links']:,} links, {st['tickets']:,} tickets; "
         f"{st['file_mb']:,.0f} MB, built in {st['build_seconds']} s "
