@@ -36,8 +36,9 @@ _STOP = object()
 @dataclass
 class _Job:
     fn: Callable[[Connection], Any] | None
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    #: Where the result goes; None for jobs of :meth:`StoreWriter.write_now`.
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
     #: Set for jobs from ``run_grouped``: neighbours with the same ``group`` run as one call.
     group: Grouped[Any, Any] | None = None
     item: Any = None
@@ -49,17 +50,16 @@ class _Job:
         return self.group(conn, [self.item])[0]
 
 
+#: A job's result, or the error it raised.
+Outcome = tuple[Any, BaseException | None]
 _Answer = tuple[asyncio.Future[Any], Any, BaseException | None]
-
-
-def _notify(job: _Job, result: Any, error: BaseException | None) -> None:
-    _notify_all([(job, result, error)])
 
 
 def _notify_all(answers: list[tuple[_Job, Any, BaseException | None]]) -> None:
     """Hand results back with one wake-up per event loop, not one per job."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
     for job, result, error in answers:
+        assert job.loop is not None and job.future is not None
         by_loop.setdefault(job.loop, []).append((job.future, result, error))
     for loop, batch in by_loop.items():
         # A closed loop means the caller is gone; the write itself stands (or failed) regardless.
@@ -120,6 +120,14 @@ class StoreWriter:
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Job(None, future, loop, group, item))
         return await future
+
+    def write_now(
+        self, group: Grouped[ItemT, T], items: Sequence[ItemT]
+    ) -> list[tuple[T | None, BaseException | None]]:
+        """On the calling thread, and not started: ``items`` written as one batch of
+        :meth:`run_grouped` jobs would be, each with its result or its error. For a
+        process whose only work is writing (syncd.intake.writer_process)."""
+        return self._write([_Job(None, None, None, group, item) for item in items])
 
     def close(self) -> None:
         if self._started:
@@ -190,6 +198,12 @@ class StoreWriter:
                 return
 
     def _commit(self, batch: list[_Job]) -> None:
+        outcomes = self._write(batch)
+        _notify_all(
+            [(job, result, error) for job, (result, error) in zip(batch, outcomes, strict=True)]
+        )
+
+    def _write(self, batch: list[_Job]) -> list[Outcome]:
         """Fast path: the whole batch in one transaction. If any job raises, the
         transaction is rolled back and each job runs again in its own, so one bad
         job fails alone. Jobs are plain functions of the connection, so running
@@ -212,20 +226,15 @@ class StoreWriter:
             results = self._in_transaction(body)
         except Exception as exc:
             if len(batch) == 1:
-                _notify(batch[0], None, exc)
-                return
-            for job in batch:
-                self._commit_one(job)
-            return
-        _notify_all([(job, result, None) for job, result in zip(batch, results, strict=True)])
+                return [(None, exc)]
+            return [self._write_one(job) for job in batch]
+        return [(result, None) for result in results]
 
-    def _commit_one(self, job: _Job) -> None:
+    def _write_one(self, job: _Job) -> Outcome:
         try:
-            result = self._in_transaction(job)
+            return self._in_transaction(job), None
         except Exception as exc:
-            _notify(job, None, exc)
-            return
-        _notify(job, result, None)
+            return None, exc
 
 
 def _runs(batch: list[_Job]) -> list[list[_Job]]:
