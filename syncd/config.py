@@ -38,6 +38,9 @@ class ServerConfig(_Strict):
 class StoreConfig(_Strict):
     url: str = "sqlite:///syncd.db"
     busy_timeout_ms: int = Field(default=5000, ge=0)
+    #: "process": webhook events are written by a child process (syncd.intake.writer_process);
+    #: "thread": by the daemon's own writer thread.
+    intake_writer: Literal["process", "thread"] = "process"
 
 
 class DeliveryConfig(_Strict):

@@ -27,7 +27,8 @@ from syncd.connectors.transport import AiohttpTransport
 from syncd.intake import registry as source_registry
 from syncd.intake.reconcile import PollRunner
 from syncd.intake.routes import FrontDoor, hooks_app, intake_router
-from syncd.intake.service import Intake
+from syncd.intake.service import Intake, SaveEvents
+from syncd.intake.writer_process import WriterProcess
 from syncd.monitor.actions import interrupt_stale_jobs
 from syncd.monitor.app import Monitor, build_monitor, install
 from syncd.monitor.metrics import CONTENT_TYPE, IntakeCounter, Metrics
@@ -59,7 +60,12 @@ def policy_from(config: Config) -> RetryPolicy:
     )
 
 
-def build_intake(store: Store, config: Config, dispatcher: Dispatcher | None) -> Intake:
+def build_intake(
+    store: Store,
+    config: Config,
+    dispatcher: Dispatcher | None,
+    save: SaveEvents | None = None,
+) -> Intake:
     sources = {
         name: source_registry.build(name, src, default_region=config.intake.default_country)
         for name, src in config.sources.items()
@@ -70,6 +76,7 @@ def build_intake(store: Store, config: Config, dispatcher: Dispatcher | None) ->
         sources,
         destinations,
         on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
+        save=save,
     )
 
 
@@ -183,6 +190,16 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
             log.info("store_migrated", from_version=before, to_version=after)
     store.check_schema()
     store.start()
+    writer_process: WriterProcess | None = None
+    if config.store.intake_writer == "process":
+        writer_process = WriterProcess(
+            store.url,
+            busy_timeout_ms=config.store.busy_timeout_ms,
+            log_level=config.logging.level,
+            log_format=config.logging.format,
+        )
+    # The child starts (about a second of imports) while the rest is set up.
+    writer_started = asyncio.create_task(writer_process.start()) if writer_process else None
 
     now = time.time()
     reclaimed = await store.writer.run(
@@ -212,7 +229,9 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         coalesce_max=d.coalesce_max,
         on_attempt=metrics.observe_attempt,
     )
-    intake = build_intake(store, config, dispatcher)
+    intake = build_intake(
+        store, config, dispatcher, save=writer_process.store if writer_process else None
+    )
     monitor = build_monitor(
         store,
         config,
@@ -252,6 +271,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    if writer_started is not None:
+        await writer_started
     settle_garbage_collector()
     server_task = asyncio.create_task(server.serve(), name="http")
     dispatcher_task = asyncio.create_task(dispatcher.run(), name="dispatcher")
@@ -296,6 +317,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     for runner in runners:
         with contextlib.suppress(Exception):
             await runner.poller.aclose()
+    if writer_process is not None:
+        await writer_process.close()
     stop_task.cancel()
     store.close()
     log.info("syncd_stopped", exit_code=exit_code)

@@ -78,6 +78,12 @@ class InvalidPayload(IntakeError):
     status_code = 422
 
 
+class StoreUnavailable(IntakeError):
+    """The webhook could not be stored just now (the writer process is restarting)."""
+
+    status_code = 503
+
+
 # --- mapping -----------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -21,7 +21,7 @@ from syncd.ticket import TicketEvent
 log = structlog.get_logger("syncd.intake")
 
 
-def _store_requests(
+def store_requests(
     conn: Connection, requests: Sequence[tuple[list[IncomingEvent], float]]
 ) -> list[list[outbox.Enqueued]]:
     """The events of many requests stored by one ``enqueue_many``; each request's share back."""
@@ -31,6 +31,10 @@ def _store_requests(
         shares.append(stored[start : start + len(events)])
         start += len(events)
     return shares
+
+
+#: Stores one request's events (received at the given time); returns once committed.
+SaveEvents = Callable[[list[IncomingEvent], float], Awaitable[list[outbox.Enqueued]]]
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,18 @@ class Intake:
         destinations: Mapping[str, tuple[str, ...]],
         *,
         on_stored: Callable[[], None] = lambda: None,
+        save: SaveEvents | None = None,
     ) -> None:
         self.store = store
         self.sources = sources
         self.destinations = destinations
         self.on_stored = on_stored
+        #: Where events are written: the store's writer thread unless told otherwise
+        #: (the daemon hands them to its writer process, syncd.intake.writer_process).
+        self.save: SaveEvents = save or self._save_here
+
+    async def _save_here(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
+        return await self.store.writer.run_grouped(store_requests, (events, now))
 
     def source(self, name: str) -> WebhookSource:
         found = self.sources.get(name)
@@ -86,8 +97,8 @@ class Intake:
     async def store_events(self, source_name: str, events: list[TicketEvent]) -> Accepted:
         dests = self.destinations.get(source_name, ())
         incoming = [IncomingEvent.from_ticket_event(e, dests) for e in events]
-        stored = await self.store.writer.run_grouped(_store_requests, (incoming, time.time()))
-        if any(not s.duplicate for s in stored):
+        stored = await self.save(incoming, time.time())
+        if any(s.deliveries for s in stored):
             self.on_stored()
         return Accepted(
             event_ids=[s.event_id for s in stored],

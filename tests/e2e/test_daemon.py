@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+import psutil
 import pytest
 
 from syncd.emulators.serving import ServerThread
@@ -154,12 +155,51 @@ def test_sigterm_exits_cleanly_and_restart_resumes(
     for n in range(5):
         assert d.post(ticket(600 + n)).status_code == 202
     d.wait_for(lambda t: t["retry_wait"] + t["in_flight"] == 5)
+    [writer] = writer_children(d)
     assert d.terminate() == 0
     assert '"syncd_stopped"' in d.log()
+    writer.wait(10)  # the intake writer process stops with the daemon
     sink.faults = Faults()
     d.start()
     d.wait_for(lambda t: t["delivered"] == 5)
     assert len(sink.duplicate_creates()) == 0
+
+
+def writer_children(d: Daemon) -> list[psutil.Process]:
+    assert d.proc is not None
+    return [
+        p
+        for p in psutil.Process(d.proc.pid).children()
+        if "syncd.intake.writer_process" in " ".join(p.cmdline())
+    ]
+
+
+def test_a_killed_intake_writer_loses_nothing(
+    daemon_factory: Factory, authed_sink: tuple[ServerThread, SinkState]
+) -> None:
+    """Webhooks keep flowing while the writer child is killed and started again; a
+    sender that got 503 sends again, as helpdesks do, and every ticket arrives once."""
+    _, sink = authed_sink
+    d = daemon_factory().start()
+    [writer] = writer_children(d)
+    answers: list[int] = []
+    for n in range(40):
+        if n == 15:
+            writer.kill()
+        while (status := d.post(ticket(800 + n)).status_code) == 503:
+            answers.append(status)
+        answers.append(status)
+    assert answers.count(202) == 40
+    assert set(answers) <= {202, 503}
+    d.wait_for(lambda t: t["delivered"] >= 40)
+    deals = [r for r in sink.records.values() if r["entity"] == "deal"]
+    assert sorted(r["fields"]["subject"] for r in deals) == sorted(
+        f"Ticket {800 + n}" for n in range(40)
+    )
+    assert len(sink.duplicate_creates()) == 0
+    [again] = writer_children(d)
+    assert again.pid != writer.pid
+    assert '"intake_writer_exited"' in d.log() and '"intake_writer_restarted"' in d.log()
 
 
 def test_secrets_never_reach_logs_or_store(

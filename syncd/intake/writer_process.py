@@ -1,0 +1,344 @@
+"""Webhook events written by a child process, so the daemon's event loop never waits.
+
+Why a process: in one process the event loop and the writer thread share the GIL.
+While a batch of webhooks is inserted and committed, the loop cannot parse the
+next ones, and while the loop parses, the writer cannot start. Under load the two
+took turns, and intake ran at the sum of both (docs/benchmarks.md). A child has a
+GIL of its own: it inserts and fsyncs one batch while the daemon parses the next.
+
+The daemon still answers 202 only after the child has committed the event.
+SQLite serialises the child's and the daemon's writes with its write lock
+(``BEGIN IMMEDIATE`` and the busy timeout), as it does for any two writers.
+
+The two talk over the child's stdin and stdout in frames: a 4-byte length, then a
+pickle. The first frame carries the store URL, so a password in it never shows in
+the process list. After that the daemon sends a list of ``(id, events, now)``
+requests per turn of its event loop, and the child answers with a list of
+``(id, result, error)``. The child writes everything that has arrived as one batch
+with :meth:`StoreWriter.write_now`, the writer thread's own batch path, so one bad
+request fails alone. When its stdin closes (the daemon stopped or was killed), it
+finishes what it has and exits.
+
+A child that dies is started again; requests it held get 503, which webhook
+senders retry. Its commit may have happened, which the event's dedup key and the
+links table already make harmless, as for a daemon killed after a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import struct
+import sys
+from typing import Any, cast
+
+import structlog
+
+from syncd.errors import StoreError, StoreUnavailable
+from syncd.events import IncomingEvent
+from syncd.retry.outbox import Enqueued
+
+log = structlog.get_logger("syncd.intake")
+
+_HEADER = struct.Struct("!I")
+#: One request: its id, its events, the time it was received.
+Request = tuple[int, list[IncomingEvent], float]
+#: One answer: the request id, the stored events or None, an error text or None.
+Answer = tuple[int, list[Enqueued] | None, str | None]
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def _take_frames(buffer: bytearray) -> list[Any]:
+    """Every complete frame at the front of ``buffer``, removed from it."""
+    frames, start = [], 0
+    while len(buffer) - start >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer, start)
+        end = start + _HEADER.size + size
+        if end > len(buffer):
+            break
+        # Only ever the daemon and its own child on a private pipe: trusted data.
+        frames.append(pickle.loads(buffer[start + _HEADER.size : end]))  # noqa: S301
+        start = end
+    del buffer[:start]
+    return frames
+
+
+class _ChildPipes(asyncio.SubprocessProtocol):
+    """Frames from the child's stdout, as they arrive; no task or stream per frame."""
+
+    def __init__(self, owner: WriterProcess) -> None:
+        self.owner = owner
+        self.buffer = bytearray()
+        self.hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 1:
+            return
+        self.buffer += data
+        for frame in _take_frames(self.buffer):
+            if not self.hello.done():
+                self.hello.set_result(frame)
+            else:
+                self.owner._answered(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called once the child has exited and its pipes are closed: nothing more comes.
+        if not self.hello.done():
+            self.hello.set_result({"error": "it exited"})
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self.owner._gone(self)
+
+
+class WriterProcess:
+    """The daemon's side: sends events to the child and hands back what it stored."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_ms: int,
+        log_level: str = "info",
+        log_format: str = "json",
+        start_timeout: float = 30.0,
+        restart_delays: tuple[float, ...] = (0.2, 1.0, 5.0),
+        wait_for_restart: float = 10.0,
+    ) -> None:
+        self._settings = {
+            "url": url,
+            "busy_timeout_ms": busy_timeout_ms,
+            "log_level": log_level,
+            "log_format": log_format,
+        }
+        self._start_timeout = start_timeout
+        #: How long a webhook waits for a child that is being started again.
+        self._wait_for_restart = wait_for_restart
+        self._restart_delays = restart_delays
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._pipes: _ChildPipes | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[list[Enqueued]]] = {}
+        self._outgoing: list[Request] = []
+        self._next_id = 0
+        self._closing = False
+        self._up = asyncio.Event()
+        #: How often a child that died was started again.
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._transport.get_pid() if self._transport is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._stdin is not None
+
+    async def start(self) -> None:
+        """Start the child and wait until it has opened the store."""
+        loop = asyncio.get_running_loop()
+        transport, pipes = await loop.subprocess_exec(
+            lambda: _ChildPipes(self),
+            sys.executable,
+            "-m",
+            "syncd.intake.writer_process",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,
+        )
+        stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
+        stdin.write(_frame(self._settings))
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(pipes.hello), self._start_timeout)
+        except TimeoutError:
+            hello = {"error": f"no answer within {self._start_timeout:g} s"}
+        if not isinstance(hello, dict) or "ready" not in hello:
+            transport.kill()
+            await pipes.gone
+            transport.close()
+            reason = hello.get("error") if isinstance(hello, dict) else "it sent nonsense"
+            raise StoreError(f"the intake writer process did not start: {reason}")
+        self._transport, self._pipes, self._stdin = transport, pipes, stdin
+        self._up.set()
+
+    async def store(self, events: list[IncomingEvent], now: float) -> list[Enqueued]:
+        """Store ``events`` (received at ``now``); returns once the child committed them."""
+        if self._stdin is None and not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), self._wait_for_restart)
+        if self._stdin is None:
+            raise StoreUnavailable("the intake writer is not running; send the webhook again")
+        loop = asyncio.get_running_loop()
+        self._next_id += 1
+        future: asyncio.Future[list[Enqueued]] = loop.create_future()
+        self._pending[self._next_id] = future
+        if not self._outgoing:
+            # Everything asked for during this turn of the loop goes in one frame.
+            loop.call_soon(self._flush)
+        self._outgoing.append((self._next_id, events, now))
+        return await future
+
+    def _flush(self) -> None:
+        requests, self._outgoing = self._outgoing, []
+        if self._stdin is None or self._stdin.is_closing():
+            self._fail([r[0] for r in requests])
+            return
+        self._stdin.write(_frame(requests))
+
+    def _answered(self, answers: list[Answer]) -> None:
+        for request_id, result, error in answers:
+            future = self._pending.pop(request_id, None)
+            if future is None or future.done():
+                continue
+            if error is None:
+                future.set_result(cast(list[Enqueued], result))
+            else:
+                future.set_exception(StoreError(f"storing the webhook failed: {error}"))
+
+    def _gone(self, pipes: _ChildPipes) -> None:
+        if pipes is not self._pipes:
+            return  # a child that never started
+        code = self._transport.get_returncode() if self._transport is not None else None
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = self._pipes = self._stdin = None
+        self._up.clear()
+        self._fail(list(self._pending))
+        if not self._closing:
+            log.error("intake_writer_exited", exit_code=code, note="starting it again")
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    def _fail(self, request_ids: list[int]) -> None:
+        for request_id in request_ids:
+            future = self._pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(
+                    StoreUnavailable("the intake writer stopped; send the webhook again")
+                )
+
+    async def _restart(self) -> None:
+        attempt = 0
+        while not self._closing:
+            delay = self._restart_delays[min(attempt, len(self._restart_delays) - 1)]
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+            except StoreError as exc:
+                log.error("intake_writer_restart_failed", error=str(exc))
+                attempt += 1
+                continue
+            self.restarts += 1
+            log.info("intake_writer_restarted", pid=self.pid)
+            return
+
+    async def close(self, grace: float = 30.0) -> None:
+        """Let the child finish what it was sent, then wait for it to exit."""
+        self._closing = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart_task
+        transport, pipes, stdin = self._transport, self._pipes, self._stdin
+        if transport is None or pipes is None or stdin is None:
+            return
+        if self._outgoing:
+            self._flush()
+        stdin.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(pipes.gone), grace)
+        except TimeoutError:
+            transport.kill()
+            await pipes.gone
+
+
+# --- the child ---------------------------------------------------------------
+
+
+class _FrameReader:
+    """Blocking reads of whole frames from a file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def frames(self) -> list[Any] | None:
+        """Every frame that has arrived, waiting for at least one; None at end of input."""
+        while True:
+            frames = _take_frames(self.buffer)
+            if frames:
+                return frames
+            data = os.read(self.fd, 1 << 20)
+            if not data:
+                return None
+            self.buffer += data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _serve_child() -> int:
+    from sqlalchemy.engine import make_url
+
+    from syncd import logs
+    from syncd.intake.service import store_requests
+    from syncd.store import Store
+
+    # Frames get stdout's pipe to themselves; anything else printed goes to stderr.
+    out = os.dup(1)
+    os.dup2(2, 1)
+    reader = _FrameReader(0)
+
+    def send(obj: Any) -> None:
+        _write_all(out, _frame(obj))
+
+    frames = reader.frames()
+    if not frames or not isinstance(frames[0], dict):
+        return 2
+    settings = frames.pop(0)
+    logs.configure(settings["log_level"], settings["log_format"], stream=sys.stderr)
+    password = make_url(settings["url"]).password
+    if password:
+        logs.redactor.add([str(password)])
+    try:
+        store = Store(settings["url"], busy_timeout_ms=settings["busy_timeout_ms"])
+        store.check_schema()
+    except StoreError as exc:
+        send({"error": str(exc)})
+        return 1
+    send({"ready": os.getpid()})
+    try:
+        while frames is not None:
+            requests: list[Request] = [r for frame in frames for r in frame]
+            if requests:
+                outcomes = store.writer.write_now(
+                    store_requests, [(events, now) for _, events, now in requests]
+                )
+                answers: list[Answer] = []
+                for (request_id, _, _), (result, error) in zip(requests, outcomes, strict=True):
+                    text = None if error is None else f"{type(error).__name__}: {error}"
+                    answers.append((request_id, result, text))
+                send(answers)
+            frames = reader.frames()
+    except BrokenPipeError:
+        pass  # the daemon is gone; what was committed stays, and it has nobody to tell
+    finally:
+        store.close()
+    return 0
+
+
+def main() -> None:
+    sys.exit(_serve_child())
+
+
+if __name__ == "__main__":
+    main()
