@@ -182,11 +182,13 @@ def syncd_config(
     batch_size: int = 100,
     log_level: str = "info",
     with_destination: bool = True,
+    intake_writer: str = "process",
 ) -> str:
     """A config for ``syncd run``: SQLite beside the file, one source, one REST destination.
 
     With ``with_destination=False`` no destination is configured at all, so intake
-    stores events with no deliveries and the dispatcher stays idle.
+    stores events with no deliveries and the dispatcher stays idle. ``intake_writer``
+    is ``store.intake_writer`` (the default, "process", or "thread").
     """
     dest = ""
     if with_destination:
@@ -198,7 +200,8 @@ def syncd_config(
         'host = "127.0.0.1"\n'
         f"port = {port}\n\n"
         "[store]\n"
-        'url = "sqlite:///syncd.db"\n\n'
+        'url = "sqlite:///syncd.db"\n'
+        f'intake_writer = "{intake_writer}"\n\n'
         "[delivery]\n"
         f"concurrency = {concurrency}\n"
         f"batch_size = {batch_size}\n"

@@ -8,7 +8,9 @@ one after another, each in its own process:
    while intake is measured: the realistic case.
 2. ``syncd run`` with no destination configured: intake stores events with no
    deliveries and the dispatcher stays idle (intake alone).
-3. The ceiling: bench/noop_app.py, a FastAPI no-op POST endpoint served by the same
+3. The same with ``store.intake_writer = "thread"``: events written by the daemon's
+   own writer thread instead of its intake writer process, for comparison.
+4. The ceiling: bench/noop_app.py, a FastAPI no-op POST endpoint served by the same
    uvicorn with the same settings, in a separate process.
 
 Every request carries a distinct ticket id. SQLite in a temp dir, config written here.
@@ -102,14 +104,25 @@ def measure(
 
 
 def run_syncd(
-    workdir: Path, args: argparse.Namespace, *, deliver: bool, receiver_url: str | None
+    workdir: Path,
+    args: argparse.Namespace,
+    *,
+    deliver: bool,
+    receiver_url: str | None,
+    intake_writer: str = "process",
 ) -> dict[str, Any]:
     name = "syncd-deliver" if deliver else "syncd-intake-only"
+    if intake_writer != "process":
+        name += f"-{intake_writer}"
     wd = workdir / name
     wd.mkdir()
     port = c.free_port()
     config = c.write_syncd_config(
-        wd, port=port, receiver_url=receiver_url, with_destination=deliver
+        wd,
+        port=port,
+        receiver_url=receiver_url,
+        with_destination=deliver,
+        intake_writer=intake_writer,
     )
     daemon = c.syncd_child(wd, config, name=name).start()
     db = wd / "syncd.db"
@@ -176,6 +189,8 @@ def main() -> int:
         print(f"  syncd (delivery live): {live['accepted_per_second']:,.0f} req/s", flush=True)
         alone = run_syncd(workdir, args, deliver=False, receiver_url=None)
         print(f"  syncd (intake only):   {alone['accepted_per_second']:,.0f} req/s", flush=True)
+        thread = run_syncd(workdir, args, deliver=False, receiver_url=None, intake_writer="thread")
+        print(f"  syncd (writer thread): {thread['accepted_per_second']:,.0f} req/s", flush=True)
     finally:
         receiver.stop()
     ceiling = run_ceiling(workdir, args)
@@ -185,6 +200,7 @@ def main() -> int:
     for label, r in (
         ("syncd run, delivery live", live),
         ("syncd run, no destination", alone),
+        ("syncd run, no destination, writer thread", thread),
         ("FastAPI no-op (ceiling)", ceiling),
     ):
         rate = r["accepted_per_second"]
@@ -213,13 +229,18 @@ def main() -> int:
             "warmup_s": args.warmup,
             "script": "bench/intake.lua",
         },
-        "results": {"syncd_deliver": live, "syncd_intake_only": alone, "ceiling": ceiling},
+        "results": {
+            "syncd_deliver": live,
+            "syncd_intake_only": alone,
+            "syncd_intake_only_thread": thread,
+            "ceiling": ceiling,
+        },
         "target_ratio": TARGET_RATIO,
         "met": {
             "delivery_live": live["ratio_to_ceiling"] >= TARGET_RATIO,
             "intake_only": alone["ratio_to_ceiling"] >= TARGET_RATIO,
         },
-        "durable": all(r["durability"]["ok"] for r in (live, alone)),
+        "durable": all(r["durability"]["ok"] for r in (live, alone, thread)),
     }
     path = c.write_results(NAME, data)
     print(f"other processes on the machine: {data['machine_load']['other_processes_cores']} cores")
@@ -229,7 +250,7 @@ def main() -> int:
     print(f"target: >= {TARGET_RATIO:.0%} of the ceiling; results: {path}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    ok = data["durable"] and all(r["other"] == 0 for r in (live, alone, ceiling))
+    ok = data["durable"] and all(r["other"] == 0 for r in (live, alone, thread, ceiling))
     return 0 if ok else 1
 
 

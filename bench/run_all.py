@@ -74,8 +74,14 @@ def intake_section(d: dict[str, Any]) -> list[str]:
     for key, label in (
         ("syncd_deliver", "`syncd run`, delivery live (dispatcher sending to the receiver)"),
         ("syncd_intake_only", "`syncd run`, no destination (dispatcher idle)"),
+        (
+            "syncd_intake_only_thread",
+            '`syncd run`, no destination, `intake_writer = "thread"` (no writer process)',
+        ),
         ("ceiling", "FastAPI no-op, same uvicorn settings (ceiling)"),
     ):
+        if key not in res:
+            continue  # results from before the writer process
         r = res[key]
         dur = r.get("durability")
         rows.append(
