@@ -47,10 +47,12 @@ class Store:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self._lock: sqlite.FileLock | None = None
+        self._gate: sqlite.WriteGate | None = None
         if self.is_sqlite:
             path = sqlite.database_path(url)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                self._gate = sqlite.WriteGate(path)
             # Two: the writer thread holds one; write_sync (CLI tools, tests) takes the
             # other and waits for SQLite's write lock like any second writer.
             self.write_engine: Engine = create_engine(url, pool_size=2, max_overflow=0)
@@ -60,7 +62,7 @@ class Store:
         else:
             self.write_engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
             self.read_engine = self.write_engine
-        self.writer = StoreWriter(self.write_engine)
+        self.writer = StoreWriter(self.write_engine, gate=self._gate)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -130,6 +132,8 @@ class Store:
 
     def close(self) -> None:
         self.writer.close()
+        if self._gate is not None:
+            self._gate.close()
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()

@@ -87,8 +87,12 @@ class StoreWriter:
         max_batch: int = 512,
         name: str = "syncd-writer",
         idle_check_seconds: float = 1.0,
+        gate: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         self._engine = engine
+        #: Held around each transaction: the write gate other processes' writers
+        #: share (SQLite, see store/sqlite.py), or nothing.
+        self._gate = gate or contextlib.nullcontext()
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -146,7 +150,7 @@ class StoreWriter:
         connection is let go, and the next batch takes a fresh one."""
         conn = self._connection()
         try:
-            with conn.begin():
+            with self._gate, conn.begin():
                 result = body(conn)
         except BaseException:
             self._drop_connection()
