@@ -27,7 +27,7 @@ from syncd.connectors.transport import AiohttpTransport
 from syncd.intake import registry as source_registry
 from syncd.intake.reconcile import PollRunner
 from syncd.intake.routes import FrontDoor, hooks_app, intake_router
-from syncd.intake.service import Intake, SaveEvents
+from syncd.intake.service import Intake, IntakeWriter
 from syncd.intake.writer_process import WriterProcess
 from syncd.monitor.actions import interrupt_stale_jobs
 from syncd.monitor.app import Monitor, build_monitor, install
@@ -64,7 +64,7 @@ def build_intake(
     store: Store,
     config: Config,
     dispatcher: Dispatcher | None,
-    save: SaveEvents | None = None,
+    writer: IntakeWriter | None = None,
 ) -> Intake:
     sources = {
         name: source_registry.build(name, src, default_region=config.intake.default_country)
@@ -76,7 +76,7 @@ def build_intake(
         sources,
         destinations,
         on_stored=dispatcher.wake if dispatcher is not None else (lambda: None),
-        save=save,
+        writer=writer,
     )
 
 
@@ -192,12 +192,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     store.start()
     writer_process: WriterProcess | None = None
     if config.store.intake_writer == "process":
-        writer_process = WriterProcess(
-            store.url,
-            busy_timeout_ms=config.store.busy_timeout_ms,
-            log_level=config.logging.level,
-            log_format=config.logging.format,
-        )
+        writer_process = WriterProcess(config, store.url)
     # The child starts (about a second of imports) while the rest is set up.
     writer_started = asyncio.create_task(writer_process.start()) if writer_process else None
 
@@ -229,9 +224,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         coalesce_max=d.coalesce_max,
         on_attempt=metrics.observe_attempt,
     )
-    intake = build_intake(
-        store, config, dispatcher, save=writer_process.store if writer_process else None
-    )
+    intake = build_intake(store, config, dispatcher, writer=writer_process)
     monitor = build_monitor(
         store,
         config,

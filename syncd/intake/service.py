@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from sqlalchemy import Connection
@@ -33,8 +34,17 @@ def store_requests(
     return shares
 
 
-#: Stores one request's events (received at the given time); returns once committed.
-SaveEvents = Callable[[list[IncomingEvent], float], Awaitable[list[outbox.Enqueued]]]
+def hold_requests(conn: Connection, items: Sequence[tuple[str, RawRequest, str]]) -> list[int]:
+    """Unreadable webhooks (source, request, reason) kept in quarantine; their ids."""
+    return [quarantine.hold(conn, source, request, reason) for source, request, reason in items]
+
+
+def read_webhook(
+    source: WebhookSource, request: RawRequest, destinations: tuple[str, ...]
+) -> list[IncomingEvent]:
+    """Authenticate (raises AuthenticationFailed), then parse (raises InvalidPayload)."""
+    source.authenticate(request)
+    return [IncomingEvent.from_ticket_event(e, destinations) for e in source.parse(request)]
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,58 @@ class Accepted:
     duplicates: int
     deliveries: int
 
+    @classmethod
+    def of(cls, stored: Sequence[outbox.Enqueued]) -> Accepted:
+        return cls(
+            event_ids=[s.event_id for s in stored],
+            duplicates=sum(1 for s in stored if s.duplicate),
+            deliveries=sum(s.deliveries for s in stored),
+        )
+
 
 @dataclass(frozen=True)
 class Quarantined:
     quarantine_id: int
     reason: str
+
+
+class IntakeWriter(Protocol):
+    """Where intake's writes happen: :class:`LocalWriter` in this process, or the
+    intake writer process (syncd.intake.writer_process)."""
+
+    async def store(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
+        """Store ``events`` received at ``now``; returns once they are committed."""
+
+    async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
+        """Authenticate, parse, and store a webhook's events or quarantine its body."""
+
+
+class LocalWriter:
+    """Intake's writes on the store's writer thread (``store.intake_writer = "thread"``)."""
+
+    def __init__(
+        self,
+        store: Store,
+        sources: Mapping[str, WebhookSource],
+        destinations: Mapping[str, tuple[str, ...]],
+    ) -> None:
+        self._store = store
+        self._sources = sources
+        self._destinations = destinations
+
+    async def store(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
+        return await self._store.writer.run_grouped(store_requests, (events, now))
+
+    async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
+        dests = self._destinations.get(source_name, ())
+        try:
+            incoming = read_webhook(self._sources[source_name], request, dests)
+        except InvalidPayload as exc:
+            held = (source_name, request, exc.reason)
+            return Quarantined(
+                await self._store.writer.run_grouped(hold_requests, held), exc.reason
+            )
+        return Accepted.of(await self.store(incoming, request.received_at or time.time()))
 
 
 class Intake:
@@ -58,18 +115,13 @@ class Intake:
         destinations: Mapping[str, tuple[str, ...]],
         *,
         on_stored: Callable[[], None] = lambda: None,
-        save: SaveEvents | None = None,
+        writer: IntakeWriter | None = None,
     ) -> None:
         self.store = store
         self.sources = sources
         self.destinations = destinations
         self.on_stored = on_stored
-        #: Where events are written: the store's writer thread unless told otherwise
-        #: (the daemon hands them to its writer process, syncd.intake.writer_process).
-        self.save: SaveEvents = save or self._save_here
-
-    async def _save_here(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
-        return await self.store.writer.run_grouped(store_requests, (events, now))
+        self.writer: IntakeWriter = writer or LocalWriter(store, sources, destinations)
 
     def source(self, name: str) -> WebhookSource:
         found = self.sources.get(name)
@@ -79,32 +131,26 @@ class Intake:
 
     async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
         """Authenticate (raises), parse, and store events or the raw body in quarantine."""
-        source = self.source(source_name)
-        source.authenticate(request)
-        try:
-            events = source.parse(request)
-        except InvalidPayload as exc:
-            reason = exc.reason
-            item_id = await self.store.writer.run(
-                lambda conn: quarantine.hold(conn, source_name, request, reason)
-            )
+        self.source(source_name)
+        outcome = await self.writer.receive(source_name, request)
+        if isinstance(outcome, Quarantined):
             log.warning(
-                "webhook_quarantined", source=source_name, quarantine_id=item_id, reason=reason
+                "webhook_quarantined",
+                source=source_name,
+                quarantine_id=outcome.quarantine_id,
+                reason=outcome.reason,
             )
-            return Quarantined(item_id, reason)
-        return await self.store_events(source_name, events)
+        elif outcome.deliveries:
+            self.on_stored()
+        return outcome
 
     async def store_events(self, source_name: str, events: list[TicketEvent]) -> Accepted:
         dests = self.destinations.get(source_name, ())
         incoming = [IncomingEvent.from_ticket_event(e, dests) for e in events]
-        stored = await self.save(incoming, time.time())
-        if any(s.deliveries for s in stored):
+        accepted = Accepted.of(await self.writer.store(incoming, time.time()))
+        if accepted.deliveries:
             self.on_stored()
-        return Accepted(
-            event_ids=[s.event_id for s in stored],
-            duplicates=sum(1 for s in stored if s.duplicate),
-            deliveries=sum(s.deliveries for s in stored),
-        )
+        return accepted
 
     async def reingest(self, item_id: int) -> Accepted | Quarantined:
         """Parse a quarantined body again with the current config."""

@@ -1,27 +1,31 @@
-"""Webhook events written by a child process, so the daemon's event loop never waits.
+"""Intake's writes in a child process, so the daemon's event loop only speaks HTTP.
 
 Why a process: in one process the event loop and the writer thread share the GIL.
-While a batch of webhooks is inserted and committed, the loop cannot parse the
-next ones, and while the loop parses, the writer cannot start. Under load the two
-took turns, and intake ran at the sum of both (docs/benchmarks.md). A child has a
-GIL of its own: it inserts and fsyncs one batch while the daemon parses the next.
+While a batch of webhooks was inserted and committed, the loop could not read the
+next ones, and while the loop worked, the writer could not start. Under load the two
+took turns, and intake ran at the sum of both (docs/benchmarks.md). The child has a
+GIL of its own: it authenticates, parses and commits one batch of webhooks while the
+daemon's loop reads and answers the next.
 
-The daemon still answers 202 only after the child has committed the event.
-SQLite serialises the child's and the daemon's writes with its write lock
-(``BEGIN IMMEDIATE`` and the busy timeout), as it does for any two writers.
+The daemon still answers 202 only after the child has committed the event. The
+child's writes and the daemon's own share SQLite's write lock through a lock file
+(store/sqlite.py, ``WriteGate``), so neither polls for it.
 
 The two talk over the child's stdin and stdout in frames: a 4-byte length, then a
-pickle. The first frame carries the store URL, so a password in it never shows in
-the process list. After that the daemon sends a list of ``(id, events, now)``
-requests per turn of its event loop, and the child answers with a list of
-``(id, result, error)``. The child writes everything that has arrived as one batch
-with :meth:`StoreWriter.write_now`, the writer thread's own batch path, so one bad
-request fails alone. When its stdin closes (the daemon stopped or was killed), it
-finishes what it has and exits.
+pickle. The first frame carries the config and the store URL, so secrets never show
+in the process list. After that the daemon sends, once per turn of its event loop,
+a list of requests ``(id, kind, body)``: a webhook to read and store
+(``"webhook"``, with the source name and the raw request) or events already read
+(``"events"``, from the poller and re-ingest). The child answers with a list of
+``(id, outcome, error)``. It writes everything that has arrived as one batch with
+:meth:`StoreWriter.write_now`, the writer thread's own batch path, so one bad request
+fails alone. When its stdin closes (the daemon stopped or was killed), it finishes
+what it has and exits.
 
 A child that dies is started again; requests it held get 503, which webhook
-senders retry. Its commit may have happened, which the event's dedup key and the
-links table already make harmless, as for a daemon killed after a commit.
+senders retry, and requests made meanwhile wait for the new child. A commit the
+dead child made before answering is harmless, as for a daemon killed after a commit:
+the event's dedup key and the links table keep it from reaching the CRM twice.
 """
 
 from __future__ import annotations
@@ -36,17 +40,30 @@ from typing import Any, cast
 
 import structlog
 
-from syncd.errors import StoreError, StoreUnavailable
+from syncd.config import Config
+from syncd.errors import IntakeError, InvalidPayload, StoreError, StoreUnavailable
 from syncd.events import IncomingEvent
+from syncd.intake import registry
+from syncd.intake.base import RawRequest
+from syncd.intake.service import (
+    Accepted,
+    Quarantined,
+    hold_requests,
+    read_webhook,
+    store_requests,
+)
 from syncd.retry.outbox import Enqueued
+from syncd.store import Store
 
 log = structlog.get_logger("syncd.intake")
 
 _HEADER = struct.Struct("!I")
-#: One request: its id, its events, the time it was received.
-Request = tuple[int, list[IncomingEvent], float]
-#: One answer: the request id, the stored events or None, an error text or None.
-Answer = tuple[int, list[Enqueued] | None, str | None]
+#: One request: its id, its kind ("events" or "webhook"), and what it carries:
+#: ``(events, received_at)`` or ``(source_name, raw_request)``.
+Request = tuple[int, str, tuple[Any, Any]]
+#: One answer: the request id, its outcome (stored events, Accepted, Quarantined or
+#: the IntakeError that refused the webhook), and the text of an unexpected error.
+Answer = tuple[int, Any, str | None]
 
 
 def _frame(obj: Any) -> bytes:
@@ -102,21 +119,14 @@ class WriterProcess:
 
     def __init__(
         self,
+        config: Config,
         url: str,
         *,
-        busy_timeout_ms: int,
-        log_level: str = "info",
-        log_format: str = "json",
         start_timeout: float = 30.0,
         restart_delays: tuple[float, ...] = (0.2, 1.0, 5.0),
         wait_for_restart: float = 10.0,
     ) -> None:
-        self._settings = {
-            "url": url,
-            "busy_timeout_ms": busy_timeout_ms,
-            "log_level": log_level,
-            "log_format": log_format,
-        }
+        self._settings = {"config": config, "url": url}
         self._start_timeout = start_timeout
         #: How long a webhook waits for a child that is being started again.
         self._wait_for_restart = wait_for_restart
@@ -125,7 +135,7 @@ class WriterProcess:
         self._pipes: _ChildPipes | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._restart_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[list[Enqueued]]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._outgoing: list[Request] = []
         self._next_id = 0
         self._closing = False
@@ -169,7 +179,21 @@ class WriterProcess:
         self._up.set()
 
     async def store(self, events: list[IncomingEvent], now: float) -> list[Enqueued]:
-        """Store ``events`` (received at ``now``); returns once the child committed them."""
+        """Store ``events`` received at ``now``; returns once the child committed them."""
+        stored: list[Enqueued] = await self._ask("events", (events, now))
+        return stored
+
+    async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
+        """The child authenticates and parses the webhook, then stores its events or
+        quarantines its body; an IntakeError it raised is raised here."""
+        outcome: Accepted | Quarantined | IntakeError = await self._ask(
+            "webhook", (source_name, request)
+        )
+        if isinstance(outcome, IntakeError):
+            raise outcome
+        return outcome
+
+    async def _ask(self, kind: str, body: tuple[Any, Any]) -> Any:
         if self._stdin is None and not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._up.wait(), self._wait_for_restart)
@@ -177,12 +201,12 @@ class WriterProcess:
             raise StoreUnavailable("the intake writer is not running; send the webhook again")
         loop = asyncio.get_running_loop()
         self._next_id += 1
-        future: asyncio.Future[list[Enqueued]] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[self._next_id] = future
         if not self._outgoing:
             # Everything asked for during this turn of the loop goes in one frame.
             loop.call_soon(self._flush)
-        self._outgoing.append((self._next_id, events, now))
+        self._outgoing.append((self._next_id, kind, body))
         return await future
 
     def _flush(self) -> None:
@@ -198,7 +222,7 @@ class WriterProcess:
             if future is None or future.done():
                 continue
             if error is None:
-                future.set_result(cast(list[Enqueued], result))
+                future.set_result(result)
             else:
                 future.set_exception(StoreError(f"storing the webhook failed: {error}"))
 
@@ -286,12 +310,67 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+class _Child:
+    """The child's side: reads webhooks, writes batches, answers."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.store = store
+        self.sources = {
+            name: registry.build(name, src, default_region=config.intake.default_country)
+            for name, src in config.sources.items()
+        }
+        self.destinations = {name: tuple(config.destinations_for(name)) for name in config.sources}
+
+    def handle(self, requests: list[Request]) -> list[Answer]:
+        answers: list[Answer] = []
+        to_store: list[tuple[int, bool, list[IncomingEvent], float]] = []
+        to_hold: list[tuple[int, tuple[str, RawRequest, str]]] = []
+        for request_id, kind, (first, second) in requests:
+            if kind == "events":
+                to_store.append((request_id, False, first, second))
+                continue
+            source_name, raw = first, second
+            try:
+                source = self.sources[source_name]
+                dests = self.destinations[source_name]
+                to_store.append(
+                    (request_id, True, read_webhook(source, raw, dests), raw.received_at)
+                )
+            except InvalidPayload as exc:
+                to_hold.append((request_id, (source_name, raw, exc.reason)))
+            except IntakeError as exc:
+                answers.append((request_id, exc, None))
+            except Exception as exc:  # a source's bug: this request fails, not the batch
+                answers.append((request_id, None, _error_text(exc)))
+        if to_store:
+            outcomes = self.store.writer.write_now(
+                store_requests, [(events, now) for _, _, events, now in to_store]
+            )
+            for (request_id, webhook, _, _), (stored, error) in zip(
+                to_store, outcomes, strict=True
+            ):
+                if stored is None:
+                    answers.append((request_id, None, _error_text(error)))
+                else:
+                    answers.append((request_id, Accepted.of(stored) if webhook else stored, None))
+        if to_hold:
+            held = self.store.writer.write_now(hold_requests, [item for _, item in to_hold])
+            for (request_id, (_, _, reason)), (item_id, error) in zip(to_hold, held, strict=True):
+                if item_id is None:
+                    answers.append((request_id, None, _error_text(error)))
+                else:
+                    answers.append((request_id, Quarantined(item_id, reason), None))
+        return answers
+
+
+def _error_text(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def _serve_child() -> int:
     from sqlalchemy.engine import make_url
 
     from syncd import logs
-    from syncd.intake.service import store_requests
-    from syncd.store import Store
 
     # Frames get stdout's pipe to themselves; anything else printed goes to stderr.
     out = os.dup(1)
@@ -305,14 +384,17 @@ def _serve_child() -> int:
     if not frames or not isinstance(frames[0], dict):
         return 2
     settings = frames.pop(0)
-    logs.configure(settings["log_level"], settings["log_format"], stream=sys.stderr)
+    config: Config = settings["config"]
+    logs.configure(config.logging.level, config.logging.format, stream=sys.stderr)
+    logs.redactor.add(config.secret_values())
     password = make_url(settings["url"]).password
     if password:
         logs.redactor.add([str(password)])
     try:
-        store = Store(settings["url"], busy_timeout_ms=settings["busy_timeout_ms"])
+        store = Store(settings["url"], busy_timeout_ms=config.store.busy_timeout_ms)
         store.check_schema()
-    except StoreError as exc:
+        child = _Child(config, store)
+    except (StoreError, ImportError, ValueError) as exc:
         send({"error": str(exc)})
         return 1
     send({"ready": os.getpid()})
@@ -320,14 +402,7 @@ def _serve_child() -> int:
         while frames is not None:
             requests: list[Request] = [r for frame in frames for r in frame]
             if requests:
-                outcomes = store.writer.write_now(
-                    store_requests, [(events, now) for _, events, now in requests]
-                )
-                answers: list[Answer] = []
-                for (request_id, _, _), (result, error) in zip(requests, outcomes, strict=True):
-                    text = None if error is None else f"{type(error).__name__}: {error}"
-                    answers.append((request_id, result, text))
-                send(answers)
+                send(child.handle(requests))
             frames = reader.frames()
     except BrokenPipeError:
         pass  # the daemon is gone; what was committed stays, and it has nobody to tell

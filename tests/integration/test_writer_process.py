@@ -14,13 +14,37 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
-from syncd.errors import StoreError, StoreUnavailable
+from syncd.config import Config, parse_config
+from syncd.errors import AuthenticationFailed, StoreError, StoreUnavailable
 from syncd.events import IncomingEvent
+from syncd.intake.base import RawRequest
+from syncd.intake.service import Accepted, Quarantined
 from syncd.intake.writer_process import WriterProcess
 from syncd.store import Store
-from syncd.store.models import deliveries, events
+from syncd.store.models import deliveries, events, quarantine
 
 NOW = 1_700_000_000.0
+SECRET = "writer-process-hook-secret"
+CONFIG = parse_config(
+    f"""
+[sources.hd]
+kind = "generic"
+secret = "{SECRET}"
+
+[destinations.crm]
+kind = "rest"
+base_url = "http://127.0.0.1:9"
+""",
+    "test.toml",
+)
+
+
+def writer_for(url: str, config: Config = CONFIG, **kw: object) -> WriterProcess:
+    return WriterProcess(config, url, **kw)  # type: ignore[arg-type]
+
+
+def webhook(body: bytes, secret: str = SECRET) -> RawRequest:
+    return RawRequest(body=body, headers={"x-syncd-secret": secret}, received_at=NOW)
 
 
 def ev(ticket: str, dedup: str | None = None, **kw: object) -> IncomingEvent:
@@ -48,7 +72,7 @@ def migrated(store_url: str) -> Store:
 
 
 async def test_stores_what_it_is_sent_and_answers_each_request(migrated: Store) -> None:
-    writer = WriterProcess(migrated.url, busy_timeout_ms=5000)
+    writer = writer_for(migrated.url)
     await writer.start()
     try:
         results = await asyncio.gather(
@@ -69,8 +93,30 @@ async def test_stores_what_it_is_sent_and_answers_each_request(migrated: Store) 
     migrated.close()
 
 
+async def test_webhooks_are_read_and_stored_or_refused_in_the_child(migrated: Store) -> None:
+    writer = writer_for(migrated.url)
+    await writer.start()
+    try:
+        good, wrong_secret, unreadable = await asyncio.gather(
+            writer.receive("hd", webhook(b'{"ticket_id": 41, "status": "open"}')),
+            writer.receive("hd", webhook(b'{"ticket_id": 42}', secret="nope")),
+            writer.receive("hd", webhook(b"[not json")),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    assert isinstance(good, Accepted) and good.deliveries == 1 and good.duplicates == 0
+    assert isinstance(wrong_secret, AuthenticationFailed) and wrong_secret.status_code == 401
+    assert isinstance(unreadable, Quarantined) and "JSON" in unreadable.reason
+    with migrated.read_engine.connect() as conn:
+        assert conn.execute(select(events.c.ticket_id)).scalars().all() == ["41"]
+        [held] = conn.execute(select(quarantine.c.id, quarantine.c.source)).all()
+    assert tuple(held) == (unreadable.quarantine_id, "hd")
+    migrated.close()
+
+
 async def test_a_request_that_cannot_be_written_fails_alone(migrated: Store) -> None:
-    writer = WriterProcess(migrated.url, busy_timeout_ms=5000)
+    writer = writer_for(migrated.url)
     await writer.start()
     try:
         # kind is NOT NULL in the store, so this one insert fails inside the child.
@@ -91,7 +137,7 @@ async def test_a_request_that_cannot_be_written_fails_alone(migrated: Store) -> 
 
 
 async def test_a_child_that_dies_is_started_again(migrated: Store) -> None:
-    writer = WriterProcess(migrated.url, busy_timeout_ms=5000, restart_delays=(0.05,))
+    writer = writer_for(migrated.url, restart_delays=(0.05,))
     await writer.start()
     try:
         await writer.store([ev("T1")], NOW)
@@ -120,7 +166,7 @@ async def test_a_child_that_dies_is_started_again(migrated: Store) -> None:
 
 
 async def test_close_answers_everything_sent_before_it(migrated: Store) -> None:
-    writer = WriterProcess(migrated.url, busy_timeout_ms=5000)
+    writer = writer_for(migrated.url)
     await writer.start()
     child = writer.pid
     assert child is not None
@@ -135,7 +181,7 @@ async def test_close_answers_everything_sent_before_it(migrated: Store) -> None:
 
 
 async def test_a_store_that_is_not_migrated_is_refused_with_the_reason(tmp_path: Path) -> None:
-    writer = WriterProcess(f"sqlite:///{tmp_path}/empty.db", busy_timeout_ms=5000)
+    writer = writer_for(f"sqlite:///{tmp_path}/empty.db")
     with pytest.raises(StoreError, match="run `syncd migrate`"):
         await writer.start()
     assert not writer.running
@@ -146,7 +192,7 @@ async def test_the_store_url_is_not_on_the_child_command_line(pg_url: str) -> No
     url = pg_url.replace("postgres@", f"postgres:{secret}@", 1)
     assert secret in url
     Store(url).migrate()
-    writer = WriterProcess(url, busy_timeout_ms=5000)
+    writer = writer_for(url)
     await writer.start()
     try:
         assert writer.pid is not None
@@ -165,10 +211,11 @@ def test_the_child_exits_when_the_daemon_is_killed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, sys
+        from syncd.config import parse_config
         from syncd.intake.writer_process import WriterProcess
 
         async def main():
-            writer = WriterProcess({url!r}, busy_timeout_ms=5000)
+            writer = WriterProcess(parse_config("", "t.toml"), {url!r})
             await writer.start()
             print(writer.pid, flush=True)
             await asyncio.Event().wait()
