@@ -11,7 +11,8 @@ one after another, each in its own process:
 3. The same with ``store.intake_writer = "thread"``: events written by the daemon's
    own writer thread instead of its intake writer process, for comparison.
 4. The ceiling: bench/noop_app.py, a FastAPI no-op POST endpoint served by the same
-   uvicorn with the same settings, in a separate process.
+   uvicorn with the same settings, in a separate process. It is measured twice, first
+   and last, and the faster run is the ceiling, so one disturbed run cannot lower it.
 
 Every request carries a distinct ticket id. SQLite in a temp dir, config written here.
 After each syncd run the events in the SQLite file are counted and compared with the
@@ -183,6 +184,8 @@ def main() -> int:
         f"(+{args.warmup}s warm-up), work dir {workdir}",
         flush=True,
     )
+    first_ceiling = run_ceiling(workdir, args)
+    print(f"  no-op ceiling, first:  {first_ceiling['requests_per_second']:,.0f} req/s", flush=True)
     receiver, receiver_url = c.start_receiver(workdir)
     try:
         live = run_syncd(workdir, args, deliver=True, receiver_url=receiver_url)
@@ -193,8 +196,12 @@ def main() -> int:
         print(f"  syncd (writer thread): {thread['accepted_per_second']:,.0f} req/s", flush=True)
     finally:
         receiver.stop()
-    ceiling = run_ceiling(workdir, args)
-    print(f"  no-op ceiling:         {ceiling['requests_per_second']:,.0f} req/s", flush=True)
+    last_ceiling = run_ceiling(workdir, args)
+    print(f"  no-op ceiling, last:   {last_ceiling['requests_per_second']:,.0f} req/s", flush=True)
+    ceiling = max(first_ceiling, last_ceiling, key=lambda r: r["accepted_per_second"])
+    ceiling["runs_per_second"] = [
+        round(r["accepted_per_second"]) for r in (first_ceiling, last_ceiling)
+    ]
 
     rows = []
     for label, r in (
@@ -250,7 +257,9 @@ def main() -> int:
     print(f"target: >= {TARGET_RATIO:.0%} of the ceiling; results: {path}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    ok = data["durable"] and all(r["other"] == 0 for r in (live, alone, thread, ceiling))
+    ok = data["durable"] and all(
+        r["other"] == 0 for r in (live, alone, thread, first_ceiling, last_ceiling)
+    )
     return 0 if ok else 1
 
 
