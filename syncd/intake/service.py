@@ -72,6 +72,10 @@ class IntakeWriter(Protocol):
     """Where intake's writes happen: :class:`LocalWriter` in this process, or the
     intake writer process (syncd.intake.writer_process)."""
 
+    @property
+    def running(self) -> bool:
+        """False while writes cannot be taken (the writer process is being restarted)."""
+
     async def store(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
         """Store ``events`` received at ``now``; returns once they are committed."""
 
@@ -91,6 +95,10 @@ class LocalWriter:
         self._store = store
         self._sources = sources
         self._destinations = destinations
+
+    @property
+    def running(self) -> bool:
+        return True
 
     async def store(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
         return await self._store.writer.run_grouped(store_requests, (events, now))
@@ -122,6 +130,11 @@ class Intake:
         self.destinations = destinations
         self.on_stored = on_stored
         self.writer: IntakeWriter = writer or LocalWriter(store, sources, destinations)
+
+    @property
+    def accepting(self) -> bool:
+        """False while the intake writer process is being started again."""
+        return self.writer.running
 
     def source(self, name: str) -> WebhookSource:
         found = self.sources.get(name)

@@ -95,7 +95,12 @@ def resend_by_filter_sync(store: Store, flt: EventFilter, *, actor: str) -> int:
 
 
 class Reingester(Protocol):
+    """What the monitor needs of intake: re-ingest, and whether webhooks are taken."""
+
     async def reingest(self, item_id: int) -> Any: ...
+
+    @property
+    def accepting(self) -> bool: ...
 
 
 async def reingest(store: Store, intake: Reingester | None, item_id: int, *, actor: str) -> str:

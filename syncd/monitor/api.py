@@ -78,7 +78,8 @@ def api_router(monitor: Monitor) -> APIRouter:
 
     @router.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
-        """The store answers and its schema is the one this version expects."""
+        """The store answers, its schema is the one this version expects, and the
+        intake writer is running."""
         try:
             revision = await store.read(lambda c: store.revision_of(c))
         except Exception as exc:
@@ -93,6 +94,11 @@ def api_router(monitor: Monitor) -> APIRouter:
                     "status": "unavailable",
                     "store": f"schema {revision}, expected {expected}: run `syncd migrate`",
                 },
+                status_code=503,
+            )
+        if monitor.intake is not None and not monitor.intake.accepting:
+            return JSONResponse(
+                {"status": "unavailable", "intake_writer": "being started again"},
                 status_code=503,
             )
         return JSONResponse({"status": "ready", "schema": revision})

@@ -234,3 +234,46 @@ def test_the_child_exits_when_the_daemon_is_killed(tmp_path: Path) -> None:
         child.wait(10)  # raises psutil.TimeoutExpired if it lingers
     finally:
         daemon.kill()
+
+
+async def test_readyz_says_so_while_the_intake_writer_is_down(migrated: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from syncd.daemon import build_app, build_intake
+
+    writer = writer_for(migrated.url)
+    intake = build_intake(migrated, CONFIG, None, writer=writer)
+    client = TestClient(build_app(migrated, CONFIG, intake))
+    assert not intake.accepting
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.json()["intake_writer"] == "being started again"
+    await writer.start()
+    try:
+        assert intake.accepting
+        assert client.get("/readyz").json()["status"] == "ready"
+    finally:
+        await writer.close()
+        migrated.close()
+
+
+async def test_every_write_transaction_waits_for_the_sqlite_write_gate(tmp_path: Path) -> None:
+    from syncd.retry import outbox
+    from syncd.store.sqlite import WriteGate
+
+    store = Store(f"sqlite:///{tmp_path}/syncd.db")
+    store.migrate()
+    store.start()
+    other = WriteGate(tmp_path / "syncd.db")  # as the intake writer process holds it
+    try:
+        with other:
+            write = asyncio.ensure_future(
+                store.writer.run(lambda conn: outbox.enqueue(conn, ev("T1"), NOW))
+            )
+            done, _ = await asyncio.wait({write}, timeout=0.5)
+            assert not done, "the write went ahead while another writer held the gate"
+        stored = await asyncio.wait_for(write, 10)
+        assert stored.deliveries == 1
+    finally:
+        other.close()
+        store.close()
