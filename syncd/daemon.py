@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -182,6 +183,13 @@ def settle_garbage_collector() -> None:
 async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the process exit code."""
     logs.redactor.add(config.secret_values())
+    writer_process: WriterProcess | None = None
+    if config.store.intake_writer == "process":
+        writer_process = WriterProcess(config, resolve_store_url(config))
+        if threading.active_count() == 1:
+            # Before anything starts a thread: the fork shares this process's pages.
+            settle_garbage_collector()
+            writer_process.prefork()
     store = Store(resolve_store_url(config), busy_timeout_ms=config.store.busy_timeout_ms)
     exclusive = store.lock_exclusive()
     if migrate:
@@ -190,9 +198,6 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
             log.info("store_migrated", from_version=before, to_version=after)
     store.check_schema()
     store.start()
-    writer_process: WriterProcess | None = None
-    if config.store.intake_writer == "process":
-        writer_process = WriterProcess(config, store.url)
     # The child starts (about a second of imports) while the rest is set up.
     writer_started = asyncio.create_task(writer_process.start()) if writer_process else None
 

@@ -34,9 +34,14 @@ import asyncio
 import contextlib
 import os
 import pickle
+import signal
 import struct
+import subprocess
 import sys
-from typing import Any, cast
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -86,18 +91,71 @@ def _take_frames(buffer: bytearray) -> list[Any]:
     return frames
 
 
-class _ChildPipes(asyncio.SubprocessProtocol):
-    """Frames from the child's stdout, as they arrive; no task or stream per frame."""
+@dataclass
+class _Launched:
+    """A child, and the daemon's ends of the pipes to and from it."""
 
-    def __init__(self, owner: WriterProcess) -> None:
+    pid: int
+    to_child: int
+    from_child: int
+    #: Waits for the child to exit; its exit code.
+    wait: Callable[[], int]
+
+
+def _fork() -> _Launched:
+    """The child as a fork of this process, sharing the pages of everything imported.
+
+    Only safe while this process has one thread: a lock another thread held at the
+    fork would stay locked in the child for good.
+    """
+    to_read, to_write = os.pipe()
+    from_read, from_write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child, which never returns from here
+        code = 1
+        try:
+            os.close(to_write)
+            os.close(from_read)
+            code = _serve_child(to_read, from_write)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(to_read)
+    os.close(from_write)
+    return _Launched(
+        pid, to_write, from_read, lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    )
+
+
+def _spawn() -> _Launched:
+    """The child as a fresh interpreter (``python -m syncd.intake.writer_process``)."""
+    to_read, to_write = os.pipe()
+    from_read, from_write = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncd.intake.writer_process"],
+        stdin=to_read,
+        stdout=from_write,
+    )
+    os.close(to_read)
+    os.close(from_write)
+    return _Launched(proc.pid, to_write, from_read, proc.wait)
+
+
+class _Answers(asyncio.Protocol):
+    """Frames from the child, as they arrive; no task or stream per frame."""
+
+    def __init__(self, owner: WriterProcess, launched: _Launched) -> None:
         self.owner = owner
+        self.launched = launched
         self.buffer = bytearray()
-        self.hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[Any] = loop.create_future()
+        self.gone: asyncio.Future[int] = loop.create_future()
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd != 1:
-            return
+    def data_received(self, data: bytes) -> None:
         self.buffer += data
         for frame in _take_frames(self.buffer):
             if not self.hello.done():
@@ -106,12 +164,19 @@ class _ChildPipes(asyncio.SubprocessProtocol):
                 self.owner._answered(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Called once the child has exited and its pipes are closed: nothing more comes.
+        # The child closed its end: it is exiting, and nothing more comes.
+        asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        code = await asyncio.to_thread(self.launched.wait)
         if not self.hello.done():
-            self.hello.set_result({"error": "it exited"})
-        if not self.gone.done():
-            self.gone.set_result(None)
-        self.owner._gone(self)
+            self.hello.set_result({"error": f"it exited with code {code}"})
+        self.gone.set_result(code)
+        self.owner._gone(self, code)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.launched.pid, signal.SIGKILL)
 
 
 class WriterProcess:
@@ -131,8 +196,8 @@ class WriterProcess:
         #: How long a webhook waits for a child that is being started again.
         self._wait_for_restart = wait_for_restart
         self._restart_delays = restart_delays
-        self._transport: asyncio.SubprocessTransport | None = None
-        self._pipes: _ChildPipes | None = None
+        self._prepared: _Launched | None = None
+        self._child: _Answers | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -145,37 +210,46 @@ class WriterProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._transport.get_pid() if self._transport is not None else None
+        return self._child.launched.pid if self._child is not None else None
 
     @property
     def running(self) -> bool:
         return self._stdin is not None
 
+    def prefork(self) -> None:
+        """Fork the child now, to be started later by :meth:`start`.
+
+        Why: a fresh interpreter importing what the child needs holds about 80 MB of
+        its own; a fork shares the daemon's pages instead. Call it while the daemon
+        still has one thread (before the store's writer and the server start); the
+        child waits for its settings until :meth:`start`. A child started again after
+        a crash is spawned fresh, since the daemon has threads by then.
+        """
+        if self._prepared is None and self._child is None:
+            self._prepared = _fork()
+
     async def start(self) -> None:
-        """Start the child and wait until it has opened the store."""
+        """Start the child (or the one :meth:`prefork` made) and wait until it has
+        opened the store."""
+        launched, self._prepared = self._prepared or _spawn(), None
         loop = asyncio.get_running_loop()
-        transport, pipes = await loop.subprocess_exec(
-            lambda: _ChildPipes(self),
-            sys.executable,
-            "-m",
-            "syncd.intake.writer_process",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,
+        child = _Answers(self, launched)
+        await loop.connect_read_pipe(lambda: child, os.fdopen(launched.from_child, "rb", 0))
+        stdin, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(launched.to_child, "wb", 0)
         )
-        stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
         stdin.write(_frame(self._settings))
         try:
-            hello = await asyncio.wait_for(asyncio.shield(pipes.hello), self._start_timeout)
+            hello = await asyncio.wait_for(asyncio.shield(child.hello), self._start_timeout)
         except TimeoutError:
             hello = {"error": f"no answer within {self._start_timeout:g} s"}
         if not isinstance(hello, dict) or "ready" not in hello:
-            transport.kill()
-            await pipes.gone
-            transport.close()
+            child.kill()
+            stdin.close()
+            await child.gone
             reason = hello.get("error") if isinstance(hello, dict) else "it sent nonsense"
             raise StoreError(f"the intake writer process did not start: {reason}")
-        self._transport, self._pipes, self._stdin = transport, pipes, stdin
+        self._child, self._stdin = child, stdin
         self._up.set()
 
     async def store(self, events: list[IncomingEvent], now: float) -> list[Enqueued]:
@@ -226,13 +300,12 @@ class WriterProcess:
             else:
                 future.set_exception(StoreError(f"storing the webhook failed: {error}"))
 
-    def _gone(self, pipes: _ChildPipes) -> None:
-        if pipes is not self._pipes:
+    def _gone(self, child: _Answers, code: int) -> None:
+        if child is not self._child:
             return  # a child that never started
-        code = self._transport.get_returncode() if self._transport is not None else None
-        if self._transport is not None:
-            self._transport.close()
-        self._transport = self._pipes = self._stdin = None
+        if self._stdin is not None:
+            self._stdin.close()
+        self._child = self._stdin = None
         self._up.clear()
         self._fail(list(self._pending))
         if not self._closing:
@@ -269,17 +342,23 @@ class WriterProcess:
             self._restart_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._restart_task
-        transport, pipes, stdin = self._transport, self._pipes, self._stdin
-        if transport is None or pipes is None or stdin is None:
+        if self._prepared is not None:
+            # Forked but never started: closing its input ends it.
+            os.close(self._prepared.to_child)
+            os.close(self._prepared.from_child)
+            await asyncio.to_thread(self._prepared.wait)
+            self._prepared = None
+        child, stdin = self._child, self._stdin
+        if child is None or stdin is None:
             return
         if self._outgoing:
             self._flush()
         stdin.close()
         try:
-            await asyncio.wait_for(asyncio.shield(pipes.gone), grace)
+            await asyncio.wait_for(asyncio.shield(child.gone), grace)
         except TimeoutError:
-            transport.kill()
-            await pipes.gone
+            child.kill()
+            await child.gone
 
 
 # --- the child ---------------------------------------------------------------
@@ -367,15 +446,17 @@ def _error_text(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _serve_child() -> int:
+def _serve_child(in_fd: int, out: int) -> int:
     from sqlalchemy.engine import make_url
 
     from syncd import logs
 
-    # Frames get stdout's pipe to themselves; anything else printed goes to stderr.
-    out = os.dup(1)
-    os.dup2(2, 1)
-    reader = _FrameReader(0)
+    # The daemon says when to stop, by closing our input; a Ctrl-C or a SIGTERM sent
+    # to the whole group must not cut a batch short while the daemon drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    reader = _FrameReader(in_fd)
 
     def send(obj: Any) -> None:
         _write_all(out, _frame(obj))
@@ -412,7 +493,10 @@ def _serve_child() -> int:
 
 
 def main() -> None:
-    sys.exit(_serve_child())
+    # Frames get stdout's pipe to themselves; anything else printed goes to stderr.
+    out = os.dup(1)
+    os.dup2(2, 1)
+    sys.exit(_serve_child(0, out))
 
 
 if __name__ == "__main__":
