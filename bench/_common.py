@@ -457,23 +457,42 @@ def fmt(value: float, digits: int = 0) -> str:
 
 
 class RssSampler(threading.Thread):
-    """Samples one process's RSS every ``interval`` seconds until stopped."""
+    """Samples one process's RSS every ``interval`` seconds until stopped, and the
+    PSS of it and its children together (syncd's intake writer process): each page
+    counted once, shared ones split between the processes that map them."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.process = psutil.Process(pid)
         self.interval = interval
         self.samples: list[tuple[float, int]] = []
+        #: (time, PSS of the process and all its children, number of processes)
+        self.tree_samples: list[tuple[float, int, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
                 rss = int(self.process.memory_info().rss)
+                tree = [self.process, *self.process.children(recursive=True)]
             except psutil.Error:
                 return
-            self.samples.append((time.monotonic(), rss))
+            now = time.monotonic()
+            self.samples.append((now, rss))
+            pss = 0
+            for proc in tree:
+                with contextlib.suppress(psutil.Error):
+                    pss += int(proc.memory_full_info().pss)
+            self.tree_samples.append((now, pss, len(tree)))
             self._stop_event.wait(self.interval)
+
+    @property
+    def tree_peak(self) -> int:
+        return max((pss for _, pss, _ in self.tree_samples), default=0)
+
+    @property
+    def tree_processes(self) -> int:
+        return max((n for _, _, n in self.tree_samples), default=0)
 
     def stop(self) -> None:
         self._stop_event.set()
