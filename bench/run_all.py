@@ -189,9 +189,11 @@ def memory_section(d: dict[str, Any]) -> list[str]:
             f"{d['received_by_receiver']:,} drained; ~{d['projected_drain_seconds']:,} s "
             "projected at that rate"
         )
+    tree = d.get("peak_tree_pss_mb")
     row = [
         f"{d['events']:,}",
         f"{d['peak_rss_mb']:.1f}",
+        "-" if tree is None else f"{tree:.1f}",
         f"{d['rss_after_startup_mb']:.1f}",
         f"{d['rss_growth_mb_per_10k_second_half']:+.2f}",
         drain,
@@ -203,6 +205,7 @@ def memory_section(d: dict[str, Any]) -> list[str]:
             [
                 "backlog",
                 "peak RSS MB",
+                "peak PSS MB, daemon + intake writer",
                 "RSS after start-up MB",
                 "RSS growth MB per 10k (2nd half)",
                 "drain s",
@@ -214,7 +217,10 @@ def memory_section(d: dict[str, Any]) -> list[str]:
         f"Target: peak RSS < {d['target_peak_rss_mb']:.0f} MB: "
         f"{verdict(d['met'])}"
         + ("" if d["complete"] else " for the part drained (the drain did not finish)")
-        + f". psutil RSS of the daemon process only, every {d['sample_interval_s'] * 1000:.0f} "
+        + f". psutil RSS of the daemon process, and PSS of the daemon and its "
+        f"{max(d.get('tree_processes', 1) - 1, 0)} child process (the intake writer, a fork "
+        "sharing the daemon's pages: PSS counts each page once, split between the "
+        f"processes that map it), every {d['sample_interval_s'] * 1000:.0f} "
         f"ms ({d['samples']:,} samples); pre-filling the outbox took {d['prefill_seconds']} s "
         "and is not part of the drain.",
         "",

@@ -277,3 +277,13 @@ async def test_every_write_transaction_waits_for_the_sqlite_write_gate(tmp_path:
     finally:
         other.close()
         store.close()
+
+
+async def test_a_forked_child_that_is_never_started_exits_on_close(tmp_path: Path) -> None:
+    writer = writer_for(f"sqlite:///{tmp_path}/syncd.db")
+    writer.prefork()
+    prepared = writer._prepared
+    assert prepared is not None
+    child = psutil.Process(prepared.pid)
+    await writer.close()
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
