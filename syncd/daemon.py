@@ -183,9 +183,12 @@ def settle_garbage_collector() -> None:
 async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the process exit code."""
     logs.redactor.add(config.secret_values())
+    metrics = Metrics()
     writer_process: WriterProcess | None = None
     if config.store.intake_writer == "process":
-        writer_process = WriterProcess(config, resolve_store_url(config))
+        writer_process = WriterProcess(
+            config, resolve_store_url(config), on_crash=metrics.intake_writer_crashes.inc
+        )
         if threading.active_count() == 1:
             # Before anything starts a thread: the fork shares this process's pages.
             settle_garbage_collector()
@@ -213,7 +216,6 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
         log.warning("resend_jobs_interrupted", count=interrupted, note="run them again")
 
     d = config.delivery
-    metrics = Metrics()
     connectors = build_connectors(config, store)
     dispatcher = Dispatcher(
         store,

@@ -190,11 +190,14 @@ class WriterProcess:
         start_timeout: float = 30.0,
         restart_delays: tuple[float, ...] = (0.2, 1.0, 5.0),
         wait_for_restart: float = 10.0,
+        on_crash: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = {"config": config, "url": url}
         self._start_timeout = start_timeout
         #: How long a webhook waits for a child that is being started again.
         self._wait_for_restart = wait_for_restart
+        #: Told each time a child exits on its own (the daemon counts it in /metrics).
+        self._on_crash = on_crash
         self._restart_delays = restart_delays
         self._prepared: _Launched | None = None
         self._child: _Answers | None = None
@@ -310,6 +313,7 @@ class WriterProcess:
         self._fail(list(self._pending))
         if not self._closing:
             log.error("intake_writer_exited", exit_code=code, note="starting it again")
+            self._on_crash()
             self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
     def _fail(self, request_ids: list[int]) -> None:

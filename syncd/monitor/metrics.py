@@ -51,6 +51,11 @@ class Metrics:
             ["source", "status"],
             registry=self.registry,
         )
+        self.intake_writer_crashes = Counter(
+            "syncd_intake_writer_crashes",
+            "Times the intake writer process exited on its own (it is started again).",
+            registry=self.registry,
+        )
         self._snapshot = _StoreSnapshot()
         self.registry.register(self._snapshot)
 

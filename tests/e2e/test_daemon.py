@@ -201,6 +201,8 @@ def test_a_killed_intake_writer_loses_nothing(
     assert again.pid != writer.pid
     assert again.cmdline()[-2:] == ["-m", "syncd.intake.writer_process"]
     assert '"intake_writer_exited"' in d.log() and '"intake_writer_restarted"' in d.log()
+    metrics = httpx.get(f"{d.url}/metrics", timeout=10).text
+    assert "syncd_intake_writer_crashes_total 1.0" in metrics
 
 
 def test_secrets_never_reach_logs_or_store(
