@@ -1,13 +1,18 @@
-"""A stand-in for a Zendesk account: the cursor ticket export, and the webhooks it would send.
+"""A stand-in for a Zendesk account: the two exports the poller reads, and the webhooks.
 
 Tickets live in memory and change through Python methods (``create_ticket``,
 ``update_ticket``, ``add_comment``). Each change also queues the signed
 webhook Zendesk would send for it, in trigger form (syncd's documented body)
 or event-subscription form, so a test can post it, post it twice, or lose
-it and let the poller find the change. The export answers like the real one:
-start_time or cursor, ``after_cursor`` / ``end_of_stream``, tickets changed
-in the last minute left out (configurable), Basic auth, injected failures
-and an optional per-minute rate limit.
+it and let the poller find the change. Each change is also an audit, listed
+by the ticket event export with its comments as child events.
+
+The cursor ticket export answers like the real one: start_time or cursor,
+``after_cursor`` / ``end_of_stream``, tickets changed in the last minute left
+out (configurable). The ticket event export is time-based: ``start_time``
+in (refused when less than a minute old), ``end_time`` / ``end_of_stream``
+out, comments only with ``include=comment_events``. Both share Basic auth, injected failures and an
+optional per-minute rate limit; ``users/show_many`` answers users' roles.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from fastapi.responses import JSONResponse, Response
 
 from syncd.intake.base import RawRequest
 from syncd.intake.signing import sign_zendesk
-from syncd.intake.zendesk import EXPORT_PATH, TRIGGER_BODY_TEMPLATE
+from syncd.intake.zendesk import TRIGGER_BODY_TEMPLATE
+from syncd.intake.zendesk_poll import EVENTS_PATH, EXPORT_PATH, USERS_PATH
 
 WebhookMode = Literal["trigger", "events"]
 
@@ -125,6 +131,31 @@ class ZendeskTicket:
         }
 
 
+@dataclass
+class ZendeskAudit:
+    """One change to a ticket, as the ticket event export lists it."""
+
+    id: int
+    ticket_id: int
+    updater_id: int
+    created_at: float
+    #: ``Create``, ``Change`` and ``Comment`` child events, as the export writes them.
+    child_events: list[dict[str, Any]]
+
+    def as_api(self, *, comments: bool) -> dict[str, Any]:
+        children = [c for c in self.child_events if comments or c["event_type"] != "Comment"]
+        return {
+            "id": self.id,
+            "ticket_id": self.ticket_id,
+            "updater_id": self.updater_id,
+            "via": "Web form",
+            "event_type": "Audit",
+            "created_at": iso(self.created_at),
+            "timestamp": int(self.created_at),
+            "child_events": children,
+        }
+
+
 @dataclass(frozen=True)
 class SignedWebhook:
     """One webhook request as Zendesk would send it. Header names as Zendesk writes them."""
@@ -174,6 +205,8 @@ class ZendeskState:
     page_size: int = 1000
     #: The real export leaves out tickets changed in the last minute; 0 keeps tests fast.
     recent_window_seconds: float = 60.0
+    #: The event export refuses a start_time newer than this many seconds ago.
+    min_start_age_seconds: float = 60.0
     #: Export requests allowed per rolling minute (Zendesk: 10); None for no limit.
     rate_limit_per_minute: int | None = None
     clock: Callable[[], float] = time.time
@@ -181,16 +214,22 @@ class ZendeskState:
     webhook_id: str = "01HSYNCDEMULATEDWEBHOOK000"
     tickets: dict[int, ZendeskTicket] = field(default_factory=dict)
     users: dict[int, ZendeskUser] = field(default_factory=dict)
+    #: Every change, oldest first, for the ticket event export.
+    audits: list[ZendeskAudit] = field(default_factory=list)
     #: Signed webhooks for changes so far, oldest first; see :meth:`drain_webhooks`.
     webhooks: list[SignedWebhook] = field(default_factory=list)
     faults: ExportFaults = field(default_factory=ExportFaults)
     #: Query parameters of every export request that passed authentication.
     export_calls: list[dict[str, str]] = field(default_factory=list)
+    #: The same for the ticket event export.
+    event_export_calls: list[dict[str, str]] = field(default_factory=list)
+    #: The ``ids`` of every ``users/show_many`` request.
+    user_lookups: list[str] = field(default_factory=list)
     requests: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
     _recent: deque[float] = field(default_factory=deque)
     _next_id: dict[str, int] = field(
-        default_factory=lambda: {"ticket": 1001, "user": 5001, "comment": 9001}
+        default_factory=lambda: {"ticket": 1001, "user": 5001, "comment": 9001, "audit": 70001}
     )
 
     # --- the account -------------------------------------------------------------------
@@ -245,10 +284,14 @@ class ZendeskState:
                 group_id=group_id,
                 via=via,
             )
-            ticket.comments.append(
-                ZendeskComment(self._new_id("comment"), description, requester_id, True, now)
-            )
+            first = ZendeskComment(self._new_id("comment"), description, requester_id, True, now)
+            ticket.comments.append(first)
             self.tickets[ticket.id] = ticket
+            created = [
+                {"event_type": "Create", "field_name": name, "value": _str(getattr(ticket, name))}
+                for name in ("subject", "status", "requester_id")
+            ]
+            self._audit(ticket, requester_id, [*created, _comment_event(first)])
             if self.webhook_mode == "trigger":
                 self._queue_trigger(ticket, "ticket_created")
                 self._queue_trigger(ticket, "comment_added")
@@ -269,6 +312,20 @@ class ZendeskState:
                 setattr(ticket, name, list(value) if name == "tags" else value)
             ticket.updated_at = self.clock()
             changed = [name for name in changes if before[name] != getattr(ticket, name)]
+            if changed:
+                self._audit(
+                    ticket,
+                    ticket.assignee_id or ticket.requester_id,
+                    [
+                        {
+                            "event_type": "Change",
+                            "field_name": name,
+                            "value": getattr(ticket, name),
+                            "previous_value": before[name],
+                        }
+                        for name in changed
+                    ],
+                )
             if self.webhook_mode == "trigger":
                 if "status" in changed:
                     self._queue_trigger(ticket, "status_changed")
@@ -295,11 +352,23 @@ class ZendeskState:
             comment = ZendeskComment(self._new_id("comment"), body, author_id, public, now)
             ticket.comments.append(comment)
             ticket.updated_at = now
+            self._audit(ticket, author_id, [_comment_event(comment)])
             if self.webhook_mode == "trigger":
                 self._queue_trigger(ticket, "comment_added")
             else:
                 self._queue_event(ticket, "comment_added", self._comment_change(ticket))
             return comment
+
+    def _audit(
+        self, ticket: ZendeskTicket, updater_id: int, children: list[dict[str, Any]]
+    ) -> None:
+        audit_id = self._new_id("audit")
+        for child in children:
+            child.setdefault("id", self._new_id("audit"))
+            child.setdefault("audit_id", audit_id)
+        self.audits.append(
+            ZendeskAudit(audit_id, ticket.id, updater_id, ticket.updated_at, children)
+        )
 
     def fail_next(self, count: int, status: int = 503, retry_after: float | None = None) -> None:
         with self.lock:
@@ -474,6 +543,32 @@ class ZendeskState:
                 "end_of_stream": len(eligible) <= self.page_size,
             }
 
+    def event_export_page(self, start_time: int, *, comments: bool) -> dict[str, Any]:
+        """One page of the time-based ticket event export, from ``start_time`` (inclusive)."""
+        with self.lock:
+            cutoff = self.clock() - self.recent_window_seconds
+            eligible = [
+                a for a in self.audits if start_time <= int(a.created_at) and a.created_at <= cutoff
+            ]
+            page = eligible[: self.page_size]
+            # A page ends on a whole second: the next starts at that second again.
+            end_time = int(page[-1].created_at) if page else start_time
+            return {
+                "ticket_events": [a.as_api(comments=comments) for a in page],
+                "count": len(page),
+                "end_time": end_time,
+                "end_of_stream": len(eligible) <= self.page_size,
+                "next_page": None,
+            }
+
+    def users_by_id(self, ids: list[int]) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                {"id": u.id, "name": u.name, "email": u.email, "role": u.role}
+                for u in (self.users.get(i) for i in ids)
+                if u is not None
+            ]
+
     def _rate_limited(self) -> float | None:
         """Seconds until a slot frees up, if this request is over the per-minute limit."""
         if self.rate_limit_per_minute is None:
@@ -485,6 +580,21 @@ class ZendeskState:
             return max(1.0, 60 - (now - self._recent[0]))
         self._recent.append(now)
         return None
+
+
+def _comment_event(comment: ZendeskComment) -> dict[str, Any]:
+    return {
+        "id": comment.id,
+        "event_type": "Comment",
+        "type": "Comment",
+        "author_id": comment.author_id,
+        "body": comment.body,
+        "plain_body": comment.body,
+        "html_body": f"<p>{comment.body}</p>",
+        "public": comment.public,
+        "attachments": [],
+        "created_at": iso(comment.created_at),
+    }
 
 
 def _str(value: int | None) -> str:
@@ -532,45 +642,54 @@ def create_zendesk_api(
     app = FastAPI(title="Zendesk emulator", docs_url=None, redoc_url=None)
     expected = "Basic " + base64.b64encode(f"{email}/token:{api_token}".encode()).decode()
 
-    @app.get(EXPORT_PATH)
-    async def export(request: Request) -> Response:
-        with state.lock:
-            state.requests += 1
-            if request.headers.get("authorization") != expected:
-                return JSONResponse({"error": "Couldn't authenticate you"}, status_code=401)
-            faults = state.faults
-            if faults.count > 0:
-                faults.count -= 1
-                headers = (
-                    {"Retry-After": f"{faults.retry_after:g}"}
-                    if faults.retry_after is not None
-                    else {}
-                )
-                return Response(
-                    faults.body,
-                    status_code=faults.status,
-                    media_type="application/json",
-                    headers=headers,
-                )
-            wait = state._rate_limited()
-            if wait is not None:
-                return JSONResponse(
-                    {
-                        "error": "APIRateLimitExceeded",
-                        "description": "Number of allowed incremental export API requests "
-                        "per minute exceeded",
-                    },
-                    status_code=429,
-                    headers={"Retry-After": str(int(wait))},
-                )
-            query = dict(request.query_params)
-            state.export_calls.append(query)
-        start = query.get("start_time")
+    def refused(request: Request, *, export: bool) -> Response | None:
+        """Authentication, injected failures and (for the exports) the per-minute limit."""
+        state.requests += 1
+        if request.headers.get("authorization") != expected:
+            return JSONResponse({"error": "Couldn't authenticate you"}, status_code=401)
+        if not export:
+            return None
+        faults = state.faults
+        if faults.count > 0:
+            faults.count -= 1
+            headers = (
+                {"Retry-After": f"{faults.retry_after:g}"} if faults.retry_after is not None else {}
+            )
+            return Response(
+                faults.body, status_code=faults.status, media_type="application/json",
+                headers=headers,
+            )  # fmt: skip
+        wait = state._rate_limited()
+        if wait is not None:
+            return JSONResponse(
+                {
+                    "error": "APIRateLimitExceeded",
+                    "description": "Number of allowed incremental export API requests "
+                    "per minute exceeded",
+                },
+                status_code=429,
+                headers={"Retry-After": str(int(wait))},
+            )
+        return None
+
+    def bad_start(start: str | None) -> Response | None:
         if start is not None and not start.isdigit():
             return JSONResponse(
                 {"error": "InvalidValue", "description": "start_time must be unix seconds"},
                 status_code=400,
             )
+        return None
+
+    @app.get(EXPORT_PATH)
+    async def export(request: Request) -> Response:
+        with state.lock:
+            if (answer := refused(request, export=True)) is not None:
+                return answer
+            query = dict(request.query_params)
+            state.export_calls.append(query)
+        start = query.get("start_time")
+        if (answer := bad_start(start)) is not None:
+            return answer
         base = str(request.base_url).rstrip("/")
         try:
             page = state.export_page(int(start) if start else None, query.get("cursor"), base)
@@ -579,5 +698,46 @@ def create_zendesk_api(
                 {"error": "InvalidPaginationParameter", "description": str(exc)}, status_code=400
             )
         return JSONResponse(page)
+
+    @app.get(EVENTS_PATH)
+    async def event_export(request: Request) -> Response:
+        with state.lock:
+            if (answer := refused(request, export=True)) is not None:
+                return answer
+            query = dict(request.query_params)
+            state.event_export_calls.append(query)
+        start = query.get("start_time")
+        if start is None:
+            return JSONResponse(
+                {"error": "InvalidValue", "description": "start_time is required"}, status_code=400
+            )
+        if (answer := bad_start(start)) is not None:
+            return answer
+        if int(start) > state.clock() - state.min_start_age_seconds:
+            return JSONResponse(
+                {
+                    "error": "InvalidValue",
+                    "description": "Too recent start_time. Use a start_time older than a minute",
+                },
+                status_code=400,
+            )
+        included = query.get("include", "").split(",")
+        page = state.event_export_page(int(start), comments="comment_events" in included)
+        return JSONResponse(page)
+
+    @app.get(USERS_PATH)
+    async def show_many(request: Request) -> Response:
+        with state.lock:
+            if (answer := refused(request, export=False)) is not None:
+                return answer
+            ids = request.query_params.get("ids", "")
+            state.user_lookups.append(ids)
+        parts = [p for p in ids.split(",") if p]
+        if not parts or not all(p.isdigit() for p in parts) or len(parts) > 100:
+            return JSONResponse(
+                {"error": "InvalidValue", "description": "ids: 1 to 100 numbers, comma-separated"},
+                status_code=400,
+            )
+        return JSONResponse({"users": state.users_by_id([int(p) for p in parts])})
 
     return app, state

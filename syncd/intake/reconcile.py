@@ -4,9 +4,11 @@ Webhooks are fast but get lost (Usedesk documents no retries; Zendesk pauses
 failing endpoints). For each ticket the helpdesk reports as changed, the
 reconciler compares the change time with the newest event syncd holds for
 that ticket; a change it never heard of becomes an event marked
-``recovered_by_poll``. Comments are matched by their dedup key, so a comment
-that did arrive by webhook is not stored twice. Polling errors back off and
-are recorded in ``poll_state``; they never stop the daemon.
+``recovered_by_poll``. Comments are matched by their dedup key and by their
+comment id, so a comment that did arrive by webhook is not stored twice, even
+when the webhook was keyed differently (say, by an older version of syncd).
+Polling errors back off and are recorded in ``poll_state``; they never stop
+the daemon.
 """
 
 from __future__ import annotations
@@ -68,9 +70,27 @@ class Known:
     newest: float | None = None
     #: The status of the most recent event that carried one.
     status: str | None = None
+    #: The ids of the comments held for the ticket (read only when asked for).
+    comment_ids: frozenset[str] = frozenset()
 
 
-def _known(conn: Connection, source: str, ticket_id: str) -> Known:
+def _comment_ids(conn: Connection, source: str, ticket_id: str) -> frozenset[str]:
+    payloads = conn.execute(
+        select(events.c.payload).where(
+            events.c.source == source,
+            events.c.ticket_id == ticket_id,
+            events.c.kind.in_([EventKind.COMMENT_ADDED.value, EventKind.TICKET_CREATED.value]),
+        )
+    ).scalars()
+    ids = set()
+    for payload in payloads:
+        comment = json.loads(payload).get("comment")
+        if isinstance(comment, dict) and comment.get("id"):
+            ids.add(str(comment["id"]))
+    return frozenset(ids)
+
+
+def _known(conn: Connection, source: str, ticket_id: str, *, comments: bool = False) -> Known:
     row = conn.execute(
         select(func.count(), func.max(events.c.occurred_at)).where(
             events.c.source == source, events.c.ticket_id == ticket_id
@@ -89,7 +109,12 @@ def _known(conn: Connection, source: str, ticket_id: str) -> Known:
         status = json.loads(payload).get("status")
         if status is not None:
             break
-    return Known(seen=True, newest=None if row[1] is None else float(row[1]), status=status)
+    return Known(
+        seen=True,
+        newest=None if row[1] is None else float(row[1]),
+        status=status,
+        comment_ids=_comment_ids(conn, source, ticket_id) if comments else frozenset(),
+    )
 
 
 class PollRunner:
@@ -148,12 +173,16 @@ class PollRunner:
         return PollReport(self.source, pages=pages, tickets=tickets, recovered=recovered)
 
     async def _reconcile(self, ticket: PolledTicket) -> int:
-        known = await self.store.read(lambda conn: _known(conn, self.source, ticket.ticket_id))
+        comments = any(e.kind == EventKind.COMMENT_ADDED for e in ticket.events)
+        known = await self.store.read(
+            lambda conn: _known(conn, self.source, ticket.ticket_id, comments=comments)
+        )
         changed_at = ticket.updated_at.timestamp()
         candidates: list[TicketEvent] = []
         for event in ticket.events:
             if event.kind == EventKind.COMMENT_ADDED:
-                candidates.append(event.model_copy(update={"recovered_by_poll": True}))
+                if event.comment is None or event.comment.id not in known.comment_ids:
+                    candidates.append(event.model_copy(update={"recovered_by_poll": True}))
                 continue
             same_status = event.status is None or event.status.value == known.status
             if (

@@ -1,4 +1,4 @@
-"""Zendesk as a source: signed webhooks in two shapes, and the cursor ticket export for polling.
+"""Zendesk as a source: signed webhooks in two shapes; polling is in :mod:`.zendesk_poll`.
 
 A Zendesk webhook is connected either to triggers (the admin writes the JSON
 body with placeholders; syncd documents one body, :data:`TRIGGER_BODY_TEMPLATE`)
@@ -13,19 +13,17 @@ whichever way it arrived.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from syncd.connectors.http import classified, error_for_response
-from syncd.errors import InvalidPayload, RateLimited, ServerError
-from syncd.intake.base import PolledTicket, Poller, PollPage, RawRequest, WebhookSource, json_object
+from syncd.errors import InvalidPayload
+from syncd.intake.base import RawRequest, WebhookSource, json_object
 from syncd.intake.generic import parse_time
 from syncd.intake.signing import verify_zendesk
+from syncd.intake.zendesk_poll import ZendeskPoller, comment_delivery_id
 from syncd.ticket import (
     AuthorKind,
     Client,
@@ -39,9 +37,6 @@ from syncd.ticket import (
 
 INVOCATION_HEADER = "x-zendesk-webhook-invocation-id"
 EVENT_TYPE_PREFIX = "zen:event-type:"
-EXPORT_PATH = "/api/v2/incremental/tickets/cursor.json"
-#: Used when a 429 from the export carries no Retry-After: its limit is counted per minute.
-DEFAULT_RATE_LIMIT_WAIT = 60.0
 
 #: The body to paste into every trigger's "Notify active webhook" action. Only ``event``
 #: changes between triggers: ticket_created, comment_added, status_changed or ticket_updated.
@@ -134,6 +129,8 @@ class ZendeskSettings(BaseModel):
     poll_interval_seconds: float = Field(default=300, gt=0)
     #: How far back the first poll starts when no cursor is stored yet.
     poll_lookback_seconds: float = Field(default=86400, gt=0)
+    #: Also read comments from the ticket event export, so a lost comment webhook is recovered.
+    poll_comments: bool = True
     request_timeout_seconds: float = Field(default=30, gt=0)
     #: Extra status values (custom statuses) mapped to new/open/pending/solved/closed/spam.
     status_map: dict[str, Status] = Field(default_factory=dict)
@@ -299,8 +296,10 @@ class ZendeskSource(WebhookSource):
             client=self._client(requester_id, requester),
             occurred_at=parse_time(_text(data.get("updated_at"))),
             # A comment is added once: keyed by its id, a second invocation of the same
-            # trigger (Zendesk allows that) cannot post the note twice.
-            delivery_id=None if comment is not None and comment.id else invocation,
+            # trigger (Zendesk allows that), or the poller, cannot post the note twice.
+            delivery_id=comment_delivery_id(comment.id)
+            if comment is not None and comment.id
+            else invocation,
         )
 
     # --- (b) event subscriptions -------------------------------------------------------
@@ -359,8 +358,11 @@ class ZendeskSource(WebhookSource):
                 client=make_client(source_id=requester_id) if requester_id else None,
                 occurred_at=parse_time(_text(detail.get("updated_at")))
                 or parse_time(_text(data.get("time"))),
-                # The event id names the change itself, so it also merges two invocations.
-                delivery_id=_text(data.get("id")) or invocation,
+                # The event id names the change itself, so it also merges two invocations;
+                # a comment is keyed by its own id, as the trigger and the poller key it.
+                delivery_id=comment_delivery_id(comment.id)
+                if comment is not None and comment.id
+                else _text(data.get("id")) or invocation,
             )
         ]
 
@@ -475,78 +477,3 @@ def _updated_at(ticket: dict[str, Any]) -> datetime | None:
     if found is None and isinstance(ticket.get("generated_timestamp"), int):
         found = parse_time(ticket["generated_timestamp"])
     return found
-
-
-class ZendeskPoller(Poller):
-    """Pages through the cursor-based incremental ticket export.
-
-    The export has no comments, so each ticket comes back as one state event;
-    comments whose webhooks were lost are not recovered by this poller.
-    """
-
-    def __init__(
-        self,
-        source: ZendeskSource,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        settings = source.settings
-        assert settings.email is not None and settings.api_token is not None
-        self.source = source
-        self.interval = settings.poll_interval_seconds
-        self.lookback = settings.poll_lookback_seconds
-        self.clock = clock
-        self._client = httpx.AsyncClient(
-            base_url=settings.api_base,
-            auth=httpx.BasicAuth(f"{settings.email}/token", settings.api_token.get_secret_value()),
-            timeout=settings.request_timeout_seconds,
-            transport=transport,
-            headers={"Accept": "application/json"},
-        )
-
-    async def fetch(self, cursor: str | None) -> PollPage:
-        params: dict[str, str | int] = (
-            {"cursor": cursor}
-            if cursor is not None
-            else {"start_time": int(self.clock() - self.lookback)}
-        )
-        async with classified():
-            response = await self._client.get(EXPORT_PATH, params=params)
-        error = error_for_response(response)
-        if isinstance(error, RateLimited) and error.retry_after is None:
-            error = RateLimited(
-                error.message, status_code=error.status_code, retry_after=DEFAULT_RATE_LIMIT_WAIT
-            )
-        if error is not None:
-            raise error
-        try:
-            data = response.json()
-        except ValueError:
-            raise ServerError(
-                "the ticket export answered with a body that is not JSON",
-                status_code=response.status_code,
-            ) from None
-        if not isinstance(data, dict) or not isinstance(data.get("tickets"), list):
-            raise ServerError(
-                "the ticket export answered without a 'tickets' list",
-                status_code=response.status_code,
-            )
-        tickets: list[PolledTicket] = []
-        for raw in data["tickets"]:
-            event = self.source.ticket_event(raw) if isinstance(raw, dict) else None
-            # A ticket without an id or change time cannot be reconciled; skipping it
-            # keeps the cursor moving instead of failing every poll on it.
-            if event is None or event.occurred_at is None:
-                continue
-            tickets.append(PolledTicket(event.ticket_id, event.occurred_at, [event]))
-        after = _text(data.get("after_cursor"))
-        return PollPage(
-            tickets=tickets,
-            cursor=after,
-            # Without a cursor to go on from, asking again would return this page again.
-            done=data.get("end_of_stream") is True or after is None,
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

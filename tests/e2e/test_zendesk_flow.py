@@ -1,4 +1,4 @@
-"""Zendesk through `syncd run`: signed webhooks, a repeated invocation, a lost one found by polling."""
+"""Zendesk through `syncd run`: signed webhooks, a repeated invocation, lost ones found by polling."""
 
 from __future__ import annotations
 
@@ -64,12 +64,18 @@ poll_interval_seconds = 1
     )
     assert bad.status_code == 401
 
+    agent = zd.add_user("Bob", role="agent")
+    zd.add_comment(ticket.id, "A new one is on its way", author_id=agent.id)
     zd.update_ticket(ticket.id, status="solved")
-    zd.drain_webhooks()  # this webhook is lost
+    assert len(zd.drain_webhooks()) == 2  # both webhooks are lost
 
-    d.wait_for(lambda t: t.get("delivered", 0) + t.get("coalesced", 0) == len(hooks) + 1, limit=60)
+    # The ticket export brings the status back, the ticket event export the comment.
+    d.wait_for(lambda t: t.get("delivered", 0) + t.get("coalesced", 0) == len(hooks) + 2, limit=60)
     stats = d.stats()
-    assert stats["pollers"]["zendesk"]["recovered_events"] == 1
+    assert stats["pollers"]["zendesk"]["recovered_events"] == 2
+    notes = sorted(r["fields"]["text"] for r in sink.records.values() if r["entity"] == "note")
+    # The recovered comment is written as the agent's: the poller looked up the author's role.
+    assert notes == [f"Agent {agent.id}: A new one is on its way", "Client: Hello, I need help."]
     deals = [r for r in sink.records.values() if r["entity"] == "deal"]
     assert len(deals) == 1 and deals[0]["fields"]["status"] == "solved"
     contacts = [r for r in sink.records.values() if r["entity"] == "contact"]

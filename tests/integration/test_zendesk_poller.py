@@ -15,10 +15,12 @@ from sqlalchemy import select
 from syncd.emulators.serving import ServerThread, free_port
 from syncd.emulators.zendesk_api import ZendeskState, create_zendesk_api
 from syncd.errors import AccessDenied, RateLimited, Rejected, ServerError, TransportError
+from syncd.intake.base import PollPage
 from syncd.intake.reconcile import PollReport, PollRunner
-from syncd.intake.zendesk import ZendeskPoller, ZendeskSettings, ZendeskSource
+from syncd.intake.zendesk import ZendeskSettings, ZendeskSource
+from syncd.intake.zendesk_poll import ZendeskPoller
 from syncd.store.models import events
-from syncd.ticket import Client, EventKind, Status, TicketEvent
+from syncd.ticket import AuthorKind, Client, Comment, EventKind, Status, TicketEvent
 
 from .conftest import App
 
@@ -71,7 +73,8 @@ def make_poller(base_url: str, clock: Clock, **settings: Any) -> ZendeskPoller:
 async def poller(
     zendesk: tuple[ServerThread, ZendeskState], clock: Clock
 ) -> AsyncIterator[ZendeskPoller]:
-    p = make_poller(zendesk[0].url, clock)
+    """The ticket export alone (comments off): the comment events have their own tests."""
+    p = make_poller(zendesk[0].url, clock, poll_comments=False)
     yield p
     await p.aclose()
 
@@ -344,3 +347,241 @@ base_url = "http://127.0.0.1:9"
     assert first["client"]["phones"] == ["+79991234567"]
     assert json.loads(rows[2].payload)["comment"]["author"] == "agent"
     assert json.loads(rows[3].payload)["status"] == "solved"
+
+
+# --- comments, from the ticket event export --------------------------------------------
+
+
+@pytest.fixture
+async def comment_poller(
+    zendesk: tuple[ServerThread, ZendeskState], clock: Clock
+) -> AsyncIterator[ZendeskPoller]:
+    p = make_poller(zendesk[0].url, clock)
+    yield p
+    await p.aclose()
+
+
+async def poll_pages(poller: ZendeskPoller, cursor: str | None) -> tuple[list[PollPage], str]:
+    """One poll as the runner does it: fetch until done (bounded, so a loop fails)."""
+    pages = []
+    for _ in range(10):
+        page = await poller.fetch(cursor)
+        pages.append(page)
+        assert page.cursor is not None
+        cursor = page.cursor
+        if page.done:
+            return pages, cursor
+    raise AssertionError("the poll never finished")
+
+
+async def test_a_poll_reads_the_ticket_export_then_the_comments(
+    zendesk: tuple[ServerThread, ZendeskState], comment_poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    customer = state.add_user("Anna", email="anna@example.com")
+    agent = state.add_user("Bob", role="agent")
+    ticket = state.create_ticket("Kettle", "It smokes", requester_id=customer.id)
+    clock.now = T0 + 5
+    reply = state.add_comment(ticket.id, "Unplug it", author_id=agent.id)
+    clock.now = T0 + 9
+    note = state.add_comment(ticket.id, "Known batch", author_id=agent.id, public=False)
+    clock.now = T0 + 120
+
+    (states, comments), cursor = await poll_pages(comment_poller, None)
+    assert [t.ticket_id for t in states.tickets] == [str(ticket.id)]
+    assert states.done is False
+    (polled,) = comments.tickets
+    assert polled.ticket_id == str(ticket.id)
+    assert polled.updated_at == at(T0 + 9)
+    first = ticket.comments[0]
+    assert [(e.kind, e.delivery_id, e.occurred_at) for e in polled.events] == [
+        (EventKind.COMMENT_ADDED, f"comment:{first.id}", at(T0)),
+        (EventKind.COMMENT_ADDED, f"comment:{reply.id}", at(T0 + 5)),
+        (EventKind.COMMENT_ADDED, f"comment:{note.id}", at(T0 + 9)),
+    ]
+    assert [e.comment for e in polled.events] == [
+        Comment(
+            id=str(first.id),
+            text="It smokes",
+            author=AuthorKind.CLIENT,
+            author_id=str(customer.id),
+        ),
+        Comment(
+            id=str(reply.id), text="Unplug it", author=AuthorKind.AGENT, author_id=str(agent.id)
+        ),
+        Comment(
+            id=str(note.id),
+            text="Known batch",
+            author=AuthorKind.AGENT,
+            author_id=str(agent.id),
+            public=False,
+        ),
+    ]
+    # The same dedup key as the comment_added webhook gives.
+    assert polled.events[1].dedup_key() == f"id:comment:{reply.id}"
+    assert state.event_export_calls == [
+        {"start_time": str(int(T0 + 120 - LOOKBACK)), "include": "comment_events"}
+    ]
+    assert state.user_lookups == [f"{customer.id},{agent.id}"]
+
+    # The next poll goes on from where the event export ended, and knows the roles.
+    clock.now = T0 + 200
+    later = state.add_comment(ticket.id, "Thanks!", author_id=customer.id)
+    clock.now = T0 + 300
+    (states, comments), _ = await poll_pages(comment_poller, cursor)
+    assert [t.ticket_id for t in states.tickets] == [str(ticket.id)]
+    assert [e.comment.id for t in comments.tickets for e in t.events if e.comment] == [
+        str(note.id),  # the export starts at the second the last page ended on
+        str(later.id),
+    ]
+    assert state.event_export_calls[-1]["start_time"] == str(int(T0 + 9))
+    assert len(state.user_lookups) == 1
+
+
+async def test_the_event_export_is_never_asked_from_less_than_a_minute_ago(
+    zendesk: tuple[ServerThread, ZendeskState], comment_poller: ZendeskPoller, clock: Clock
+) -> None:
+    """Zendesk refuses a newer start_time; the last minute is read again instead."""
+    _, state = zendesk
+    ticket = state.create_ticket("Fresh")
+    clock.now = T0 + 10
+    _, cursor = await poll_pages(comment_poller, None)
+    clock.now = T0 + 30
+    reply = state.add_comment(ticket.id, "More", author_id=ticket.requester_id)
+    clock.now = T0 + 40
+    (_, comments), cursor = await poll_pages(comment_poller, cursor)
+    assert [e.comment.id for t in comments.tickets for e in t.events if e.comment] == [
+        str(ticket.comments[0].id),  # read again, and known by its id downstream
+        str(reply.id),
+    ]
+    assert [c["start_time"] for c in state.event_export_calls] == [
+        str(int(T0 + 10 - LOOKBACK)),
+        str(int(T0 + 40 - 60)),
+    ]
+    clock.now = T0 + 200
+    await poll_pages(comment_poller, cursor)
+    assert state.event_export_calls[-1]["start_time"] == str(int(T0 + 30))
+
+
+async def test_a_cursor_stored_before_comments_were_polled_is_read_as_the_ticket_cursor(
+    zendesk: tuple[ServerThread, ZendeskState], clock: Clock, comment_poller: ZendeskPoller
+) -> None:
+    _, state = zendesk
+    state.create_ticket("Old")
+    clock.now = T0 + 100
+    old = make_poller(zendesk[0].url, clock, poll_comments=False)
+    try:
+        page = await old.fetch(None)
+    finally:
+        await old.aclose()
+    legacy = json.loads(page.cursor or "")["tickets"]  # what an older syncd stored
+    clock.now = T0 + 200
+    new = state.create_ticket("New")
+    clock.now = T0 + 300
+    (states, _), _ = await poll_pages(comment_poller, legacy)
+    assert [t.ticket_id for t in states.tickets] == [str(new.id)]
+    assert state.export_calls[-1] == {"cursor": legacy}
+    assert state.event_export_calls[0]["start_time"] == str(int(T0 + 300 - LOOKBACK))
+
+
+async def test_a_rate_limited_event_export_keeps_the_ticket_progress(
+    zendesk: tuple[ServerThread, ZendeskState], comment_poller: ZendeskPoller, clock: Clock
+) -> None:
+    _, state = zendesk
+    state.create_ticket("Any")
+    clock.now = T0 + 100
+    states = await comment_poller.fetch(None)
+    state.fail_next(1, status=429, retry_after=12)
+    with pytest.raises(RateLimited) as caught:
+        await comment_poller.fetch(states.cursor)
+    assert caught.value.retry_after == 12.0
+    # The runner stored the first page's cursor: the next poll asks for comments straight away.
+    comments = await comment_poller.fetch(states.cursor)
+    assert comments.done and len(comments.tickets) == 1
+
+
+def test_a_lost_comment_is_recovered_once_and_its_late_webhook_is_a_duplicate(
+    make_app: Callable[..., App],
+) -> None:
+    secret = "zd-signing-secret"
+    # Signatures are checked against the real time: 200 s ago is within their tolerance.
+    clock = Clock(time.time() - 200)
+    api, zd = create_zendesk_api(
+        EMAIL, TOKEN, webhook_secret=secret, recent_window_seconds=0, clock=clock
+    )
+    server = ServerThread(api).start()
+    try:
+        app = make_app(
+            f"""
+[sources.zendesk]
+kind = "zendesk"
+signing_secret = "{secret}"
+base_url = "{server.url}"
+email = "{EMAIL}"
+api_token = "{TOKEN}"
+
+[destinations.crm]
+kind = "rest"
+base_url = "http://127.0.0.1:9"
+"""
+        )
+        customer = zd.add_user("Anna", email="anna@example.com")
+        agent = zd.add_user("Bob", role="agent")
+        ticket = zd.create_ticket("Broken", requester_id=customer.id)
+        for hook in zd.drain_webhooks():
+            answer = app.client.post("/hooks/zendesk", content=hook.body, headers=hook.headers)
+            assert answer.status_code == 202
+        clock.now += 5
+        zd.add_comment(ticket.id, "Send it back", author_id=agent.id)
+        (lost,) = zd.drain_webhooks()
+        clock.now += 5
+        old = zd.add_comment(ticket.id, "Label attached", author_id=agent.id)
+        zd.drain_webhooks()
+        # This one reached an older syncd, which keyed trigger comments by a hash of the
+        # body: the poller must know it by its comment id.
+        held = TicketEvent(
+            source="zendesk",
+            ticket_id=str(ticket.id),
+            kind=EventKind.COMMENT_ADDED,
+            comment=Comment(id=str(old.id), text="Label attached", author=AuthorKind.AGENT),
+            occurred_at=at(clock.now),
+        )
+        assert held.dedup_key() != f"id:comment:{old.id}"
+        asyncio.run(app.intake.store_events("zendesk", [held]))
+        clock.now += 120
+
+        async def poll_once() -> PollReport:
+            poller = app.intake.sources["zendesk"].poller()
+            assert poller is not None
+            try:
+                return await PollRunner(app.intake, "zendesk", poller).run_once()
+            finally:
+                await poller.aclose()
+
+        report = asyncio.run(poll_once())
+        assert (report.recovered, report.error) == (1, None)
+        assert asyncio.run(poll_once()).recovered == 0  # a second poll finds nothing new
+
+        # Zendesk retries the lost webhook after all (its signature, made then, is still
+        # within tolerance): it is the comment already recovered.
+        late = app.client.post("/hooks/zendesk", content=lost.body, headers=lost.headers)
+        assert (late.status_code, late.json()["duplicates"]) == (202, 1)
+    finally:
+        server.stop()
+
+    with app.store.read_engine.connect() as conn:
+        rows = list(
+            conn.execute(
+                select(events.c.kind, events.c.recovered_by_poll, events.c.payload)
+                .where(events.c.kind == "comment_added")
+                .order_by(events.c.id)
+            )
+        )
+    texts = [(json.loads(r.payload)["comment"]["text"], bool(r.recovered_by_poll)) for r in rows]
+    assert texts == [
+        ("Hello, I need help.", False),
+        ("Label attached", False),
+        ("Send it back", True),
+    ]
+    recovered = json.loads(rows[-1].payload)["comment"]
+    assert (recovered["author"], recovered["author_id"]) == ("agent", str(agent.id))

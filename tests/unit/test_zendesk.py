@@ -156,8 +156,8 @@ def test_trigger_body_parses_into_the_exact_event() -> None:
             phones=("+79991234567",),
         ),
         occurred_at=UPDATED,
-        # Keyed by the comment id instead (see test_comment_dedup_ignores_invocation_ids).
-        delivery_id=None,
+        # Keyed by the comment id (see test_comment_dedup_ignores_invocation_ids).
+        delivery_id="comment:9001",
     )
 
 
@@ -244,7 +244,8 @@ def test_subscription_comment_added_parses_into_the_exact_event() -> None:
         ),
         client=Client(source_id="5001"),
         occurred_at=UPDATED,
-        delivery_id="01HNXXXX-CTEXAMPLE",
+        # The comment's own id, not the event's: the trigger and the poller key it the same.
+        delivery_id="comment:9001",
     )
 
 
@@ -327,7 +328,11 @@ def test_trigger_and_subscription_bodies_give_equal_events(
 ) -> None:
     by_trigger = parse_one(trigger_body(event=trigger_event))
     by_event = parse_one(subscription_body(subscription_type, change))
-    assert by_trigger.delivery_id != by_event.delivery_id
+    if trigger_event == "comment_added":
+        # One comment, one key, whichever webhook brought it: a second copy is a duplicate.
+        assert by_trigger.dedup_key() == by_event.dedup_key() == "id:comment:9001"
+    else:
+        assert by_trigger.delivery_id != by_event.delivery_id
     # Zendesk's event detail names the requester by id only; the trigger body adds contacts.
     assert by_trigger.client is not None and by_event.client is not None
     assert by_trigger.client.source_id == by_event.client.source_id == "5001"
@@ -508,8 +513,7 @@ def test_comment_dedup_ignores_invocation_ids() -> None:
     """Zendesk may invoke a trigger twice for one comment; the comment id merges them."""
     first = parse_one(trigger_body(), invocation="inv-1")
     second = parse_one(trigger_body(), invocation="inv-2")
-    assert first.dedup_key() is not None
-    assert first.dedup_key() == second.dedup_key()
+    assert first.dedup_key() == second.dedup_key() == "id:comment:9001"
     later = parse_one(trigger_body(comment={"id": "9004", "body": "More"}), invocation="inv-3")
     assert later.dedup_key() != first.dedup_key()
 
@@ -519,6 +523,8 @@ def test_subscription_delivery_id_is_the_event_id() -> None:
     first = parse_one(body, invocation="inv-1")
     second = parse_one(body, invocation="inv-2")
     assert first.delivery_id == second.delivery_id == "01HNXXXX-CTEXAMPLE"
+    comment = parse_one(subscription_body("comment_added", COMMENT_EVENT), invocation="inv-4")
+    assert comment.delivery_id == "comment:9001"
     del body["id"]
     assert parse_one(body, invocation="inv-3").delivery_id == "inv-3"
 
