@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from syncd.emulators.serving import ServerThread, free_port
-from syncd.emulators.zendesk_api import ZendeskState, create_zendesk_api
+from syncd.emulators.zendesk_api import SignedWebhook, ZendeskState, create_zendesk_api
 from syncd.errors import AccessDenied, RateLimited, Rejected, ServerError, TransportError
 from syncd.intake.base import PollPage
 from syncd.intake.reconcile import PollReport, PollRunner
@@ -270,20 +271,46 @@ async def test_a_cursor_the_export_never_issued_is_rejected(poller: ZendeskPolle
     assert caught.value.status_code == 400
 
 
-def test_webhooks_through_intake_and_a_lost_one_recovered_by_polling(
-    make_app: Callable[..., App],
-) -> None:
-    """The whole Zendesk path: signed trigger webhooks, a second invocation, a lost one."""
+@dataclass
+class ThroughIntake:
+    """The Zendesk emulator feeding an app's intake, and a poll as the daemon runs it."""
+
+    app: App
+    zd: ZendeskState
+    clock: Clock
+
+    def post(self, hook: SignedWebhook) -> Any:
+        return self.app.client.post("/hooks/zendesk", content=hook.body, headers=hook.headers)
+
+    def poll(self) -> PollReport:
+        async def once() -> PollReport:
+            poller = self.app.intake.sources["zendesk"].poller()
+            assert poller is not None
+            try:
+                return await PollRunner(self.app.intake, "zendesk", poller).run_once()
+            finally:
+                await poller.aclose()
+
+        return asyncio.run(once())
+
+    def rows(self, *where: Any) -> list[Any]:
+        query = select(events.c.kind, events.c.recovered_by_poll, events.c.payload)
+        with self.app.store.read_engine.connect() as conn:
+            return list(conn.execute(query.where(*where).order_by(events.c.id)))
+
+
+@pytest.fixture
+def through_intake(make_app: Callable[..., App]) -> Iterator[ThroughIntake]:
     secret = "zd-signing-secret"
-    # Near real time: the intake route checks signatures against its own clock.
-    clock = Clock(time.time() - 60)
+    # The intake route checks signatures against the real time: 200 s ago is within
+    # their tolerance, and leaves the emulator's clock room to move on.
+    clock = Clock(time.time() - 200)
     api, zd = create_zendesk_api(
         EMAIL, TOKEN, webhook_secret=secret, recent_window_seconds=0, clock=clock
     )
     server = ServerThread(api).start()
-    try:
-        app = make_app(
-            f"""
+    app = make_app(
+        f"""
 [sources.zendesk]
 kind = "zendesk"
 signing_secret = "{secret}"
@@ -295,47 +322,37 @@ api_token = "{TOKEN}"
 kind = "rest"
 base_url = "http://127.0.0.1:9"
 """
-        )
-        customer = zd.add_user("Anna", email="anna@example.com", phone="+7 999 123-45-67")
-        agent = zd.add_user("Bob", role="agent")
-        ticket = zd.create_ticket("Broken", requester_id=customer.id)
-        clock.now += 5
-        zd.add_comment(ticket.id, "On it", author_id=agent.id)
-        created, description, reply = zd.drain_webhooks()
-        answers = [
-            app.client.post("/hooks/zendesk", content=hook.body, headers=hook.headers)
-            for hook in (created, description, reply, zd.reinvoke(reply))
-        ]
-        assert [a.status_code for a in answers] == [202, 202, 202, 202]
-        assert [a.json()["duplicates"] for a in answers] == [0, 0, 0, 1]
+    )
+    yield ThroughIntake(app, zd, clock)
+    server.stop()
 
-        clock.now += 5
-        zd.update_ticket(ticket.id, status="solved")
-        (lost,) = zd.drain_webhooks()
-        assert lost.event == "status_changed"
 
-        poller = app.intake.sources["zendesk"].poller()
-        assert poller is not None
+def test_webhooks_through_intake_and_a_lost_one_recovered_by_polling(
+    through_intake: ThroughIntake,
+) -> None:
+    """The whole Zendesk path: signed trigger webhooks, a second invocation, a lost one."""
+    zd, clock = through_intake.zd, through_intake.clock
+    customer = zd.add_user("Anna", email="anna@example.com", phone="+7 999 123-45-67")
+    agent = zd.add_user("Bob", role="agent")
+    ticket = zd.create_ticket("Broken", requester_id=customer.id)
+    clock.now += 5
+    zd.add_comment(ticket.id, "On it", author_id=agent.id)
+    created, description, reply = zd.drain_webhooks()
+    answers = [
+        through_intake.post(hook) for hook in (created, description, reply, zd.reinvoke(reply))
+    ]
+    assert [a.status_code for a in answers] == [202, 202, 202, 202]
+    assert [a.json()["duplicates"] for a in answers] == [0, 0, 0, 1]
 
-        async def poll_once() -> PollReport:
-            try:
-                return await PollRunner(app.intake, "zendesk", poller).run_once()
-            finally:
-                await poller.aclose()
+    clock.now += 5
+    zd.update_ticket(ticket.id, status="solved")
+    (lost,) = zd.drain_webhooks()
+    assert lost.event == "status_changed"
 
-        report = asyncio.run(poll_once())
-        assert (report.recovered, report.error) == (1, None)
-    finally:
-        server.stop()
+    report = through_intake.poll()
+    assert (report.recovered, report.error) == (1, None)
 
-    with app.store.read_engine.connect() as conn:
-        rows = list(
-            conn.execute(
-                select(events.c.kind, events.c.recovered_by_poll, events.c.payload).order_by(
-                    events.c.id
-                )
-            )
-        )
+    rows = through_intake.rows()
     assert [(r.kind, bool(r.recovered_by_poll)) for r in rows] == [
         ("ticket_created", False),
         ("comment_added", False),
@@ -501,82 +518,43 @@ async def test_a_rate_limited_event_export_keeps_the_ticket_progress(
 
 
 def test_a_lost_comment_is_recovered_once_and_its_late_webhook_is_a_duplicate(
-    make_app: Callable[..., App],
+    through_intake: ThroughIntake,
 ) -> None:
-    secret = "zd-signing-secret"
-    # Signatures are checked against the real time: 200 s ago is within their tolerance.
-    clock = Clock(time.time() - 200)
-    api, zd = create_zendesk_api(
-        EMAIL, TOKEN, webhook_secret=secret, recent_window_seconds=0, clock=clock
+    zd, clock = through_intake.zd, through_intake.clock
+    customer = zd.add_user("Anna", email="anna@example.com")
+    agent = zd.add_user("Bob", role="agent")
+    ticket = zd.create_ticket("Broken", requester_id=customer.id)
+    for hook in zd.drain_webhooks():
+        assert through_intake.post(hook).status_code == 202
+    clock.now += 5
+    zd.add_comment(ticket.id, "Send it back", author_id=agent.id)
+    (lost,) = zd.drain_webhooks()
+    clock.now += 5
+    old = zd.add_comment(ticket.id, "Label attached", author_id=agent.id)
+    zd.drain_webhooks()
+    # This one reached an older syncd, which keyed trigger comments by a hash of the
+    # body: the poller must know it by its comment id.
+    held = TicketEvent(
+        source="zendesk",
+        ticket_id=str(ticket.id),
+        kind=EventKind.COMMENT_ADDED,
+        comment=Comment(id=str(old.id), text="Label attached", author=AuthorKind.AGENT),
+        occurred_at=at(clock.now),
     )
-    server = ServerThread(api).start()
-    try:
-        app = make_app(
-            f"""
-[sources.zendesk]
-kind = "zendesk"
-signing_secret = "{secret}"
-base_url = "{server.url}"
-email = "{EMAIL}"
-api_token = "{TOKEN}"
+    assert held.dedup_key() != f"id:comment:{old.id}"
+    asyncio.run(through_intake.app.intake.store_events("zendesk", [held]))
+    clock.now += 120
 
-[destinations.crm]
-kind = "rest"
-base_url = "http://127.0.0.1:9"
-"""
-        )
-        customer = zd.add_user("Anna", email="anna@example.com")
-        agent = zd.add_user("Bob", role="agent")
-        ticket = zd.create_ticket("Broken", requester_id=customer.id)
-        for hook in zd.drain_webhooks():
-            answer = app.client.post("/hooks/zendesk", content=hook.body, headers=hook.headers)
-            assert answer.status_code == 202
-        clock.now += 5
-        zd.add_comment(ticket.id, "Send it back", author_id=agent.id)
-        (lost,) = zd.drain_webhooks()
-        clock.now += 5
-        old = zd.add_comment(ticket.id, "Label attached", author_id=agent.id)
-        zd.drain_webhooks()
-        # This one reached an older syncd, which keyed trigger comments by a hash of the
-        # body: the poller must know it by its comment id.
-        held = TicketEvent(
-            source="zendesk",
-            ticket_id=str(ticket.id),
-            kind=EventKind.COMMENT_ADDED,
-            comment=Comment(id=str(old.id), text="Label attached", author=AuthorKind.AGENT),
-            occurred_at=at(clock.now),
-        )
-        assert held.dedup_key() != f"id:comment:{old.id}"
-        asyncio.run(app.intake.store_events("zendesk", [held]))
-        clock.now += 120
+    report = through_intake.poll()
+    assert (report.recovered, report.error) == (1, None)
+    assert through_intake.poll().recovered == 0  # a second poll finds nothing new
 
-        async def poll_once() -> PollReport:
-            poller = app.intake.sources["zendesk"].poller()
-            assert poller is not None
-            try:
-                return await PollRunner(app.intake, "zendesk", poller).run_once()
-            finally:
-                await poller.aclose()
+    # Zendesk retries the lost webhook after all (its signature, made then, is still
+    # within tolerance): it is the comment already recovered.
+    late = through_intake.post(lost)
+    assert (late.status_code, late.json()["duplicates"]) == (202, 1)
 
-        report = asyncio.run(poll_once())
-        assert (report.recovered, report.error) == (1, None)
-        assert asyncio.run(poll_once()).recovered == 0  # a second poll finds nothing new
-
-        # Zendesk retries the lost webhook after all (its signature, made then, is still
-        # within tolerance): it is the comment already recovered.
-        late = app.client.post("/hooks/zendesk", content=lost.body, headers=lost.headers)
-        assert (late.status_code, late.json()["duplicates"]) == (202, 1)
-    finally:
-        server.stop()
-
-    with app.store.read_engine.connect() as conn:
-        rows = list(
-            conn.execute(
-                select(events.c.kind, events.c.recovered_by_poll, events.c.payload)
-                .where(events.c.kind == "comment_added")
-                .order_by(events.c.id)
-            )
-        )
+    rows = through_intake.rows(events.c.kind == "comment_added")
     texts = [(json.loads(r.payload)["comment"]["text"], bool(r.recovered_by_poll)) for r in rows]
     assert texts == [
         ("Hello, I need help.", False),
