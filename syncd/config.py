@@ -61,6 +61,9 @@ class DeliveryConfig(_Strict):
     rate_limited_floor_seconds: float = Field(default=30.0, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     lease_recovery_interval_seconds: float = Field(default=15.0, gt=0)
+    #: How often each daemon says it is up (syncd.replicas): replicas on one PostgreSQL
+    #: database split each CRM's rate limit, and one of them polls the helpdesks.
+    replica_heartbeat_seconds: float = Field(default=2.0, gt=0)
     retention_days: float = Field(default=30.0, gt=0)
     #: Send waiting events of one ticket as one delivery (latest state, every note).
     coalesce: bool = True

@@ -33,6 +33,7 @@ from syncd.intake.writer_process import WriterProcess
 from syncd.monitor.actions import interrupt_stale_jobs
 from syncd.monitor.app import Monitor, build_monitor, install
 from syncd.monitor.metrics import CONTENT_TYPE, IntakeCounter, Metrics
+from syncd.replicas import Census, Replicas
 from syncd.retry import outbox
 from syncd.retry.dispatcher import Dispatcher
 from syncd.retry.policy import RetryPolicy
@@ -136,7 +137,11 @@ def build_app(
         """Prometheus exposition: deliveries by state, backlog, latency, breaker, intake."""
         if not config.monitor.public_metrics:
             monitor.auth.require(request)
-        body = await metrics.render(store, monitor.runtime.destinations())
+        body = await metrics.render(
+            store,
+            monitor.runtime.destinations(),
+            heartbeat=config.delivery.replica_heartbeat_seconds,
+        )
         return Response(body, media_type=CONTENT_TYPE)
 
     counted = IntakeCounter(
@@ -217,6 +222,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
 
     d = config.delivery
     connectors = build_connectors(config, store)
+    replicas = Replicas(store, d.replica_heartbeat_seconds)
+    share_with_replicas(await replicas.beat(), connectors)
     dispatcher = Dispatcher(
         store,
         connectors,
@@ -254,10 +261,26 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
 
     scheduler = AsyncIOScheduler(timezone="UTC")
     _schedule_jobs(scheduler, store, config)
+
+    async def heartbeat() -> None:
+        before = replicas.census
+        after = await replicas.beat()
+        if after.count != before.count or after.leader != before.leader:
+            share_with_replicas(after, connectors)
+
+    scheduler.add_job(
+        heartbeat, "interval", seconds=d.replica_heartbeat_seconds, id="replica_heartbeat"
+    )
     runners = build_poll_runners(intake)
     for runner in runners:
+
+        async def poll(runner: PollRunner = runner) -> None:
+            # One replica polls, so the helpdesk's API limit is not spent once per replica.
+            if replicas.census.leader:
+                await runner.run_once()
+
         scheduler.add_job(
-            runner.run_once,
+            poll,
             "interval",
             seconds=runner.poller.interval,
             id=f"poll_{runner.source}",
@@ -311,6 +334,8 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     with contextlib.suppress(Exception):
         await server_task
     scheduler.shutdown(wait=False)
+    with contextlib.suppress(Exception):
+        await replicas.leave()
     for connector in connectors.values():
         with contextlib.suppress(Exception):
             await connector.aclose()
@@ -323,6 +348,18 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     store.close()
     log.info("syncd_stopped", exit_code=exit_code)
     return exit_code
+
+
+def share_with_replicas(census: Census, connectors: dict[str, Connector]) -> None:
+    """Pace each connector at this replica's part of its CRM's limit."""
+    for connector in connectors.values():
+        connector.set_share(census.share)
+    log.info(
+        "replicas_counted",
+        replicas=census.count,
+        share=round(census.share, 3),
+        polls_helpdesks=census.leader,
+    )
 
 
 def _schedule_jobs(scheduler: AsyncIOScheduler, store: Store, config: Config) -> None:

@@ -117,6 +117,12 @@ class Connector(ABC):
         """A link to the record in the CRM's own UI, for the monitor."""
         return None
 
+    def set_share(self, share: float) -> None:  # noqa: B027 - optional
+        """Pace at ``share`` of the CRM's rate limit; other replicas of syncd use the rest.
+
+        A connector with no client-side pacing has nothing to do.
+        """
+
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 

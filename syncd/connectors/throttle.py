@@ -37,10 +37,24 @@ class TokenBucket:
             raise ValueError("burst must be at least 1")
         self.rate = float(rate)
         self.burst = int(burst)
+        #: The whole limit, of which :meth:`share` sets this process's part.
+        self.full = (self.rate, self.burst)
         self._clock = clock
         self._sleep = sleep
         self._tokens = float(burst)
         self._updated = clock()
+
+    def share(self, fraction: float) -> None:
+        """Pace at ``fraction`` of the whole limit (other replicas use the rest).
+
+        The burst shrinks with the rate, to at least one request: n replicas
+        emptying their buckets at once must not add up to more than the CRM's.
+        """
+        self._refill()
+        rate, burst = self.full
+        self.rate = rate * fraction
+        self.burst = max(1, int(burst * fraction))
+        self._tokens = min(self._tokens, float(self.burst))
 
     def _refill(self) -> None:
         now = self._clock()
@@ -138,6 +152,8 @@ class SlidingWindow:
             raise ValueError("window must be positive")
         self.limit = int(limit)
         self.window = float(window)
+        #: The whole limit, of which :meth:`share` sets this process's part.
+        self.full = self.limit
         self._clock = clock
         self._sleep = sleep
         #: Slots handed out that may still matter: open ones, and ended ones in the window.
@@ -147,6 +163,14 @@ class SlidingWindow:
         #: Callers in :meth:`begin` that have not been given the go yet.
         self.waiting = 0
         self._quiet: asyncio.Event | None = None
+
+    def share(self, fraction: float) -> None:
+        """Allow ``fraction`` of the whole limit per window, at least one request.
+
+        Rounded down: n replicas each sending their part in the same window
+        must not add up to more than the CRM counts.
+        """
+        self.limit = max(1, int(self.full * fraction + 1e-9))
 
     @property
     def rate(self) -> float:

@@ -22,6 +22,7 @@ from syncd.monitor.app import Monitor
 from syncd.monitor.auth import Forbidden, Principal
 from syncd.monitor.plans import keys_for_trace, plan_of
 from syncd.preview import preview
+from syncd.replicas import census
 from syncd.retry import outbox
 from syncd.store import head_revision
 
@@ -107,7 +108,7 @@ def api_router(monitor: Monitor) -> APIRouter:
 
     @router.get("/api/v1/stats", tags=["monitor"])
     async def stats(_: Principal = Depends(viewer)) -> dict[str, Any]:
-        """Counts per destination and state, oldest pending age, quarantine and pollers."""
+        """Counts per destination and state, oldest pending age, quarantine, pollers, replicas."""
 
         def _query(conn: Any) -> dict[str, Any]:
             return {
@@ -116,6 +117,9 @@ def api_router(monitor: Monitor) -> APIRouter:
                 "quarantined": quarantine.count_by_source(conn),
                 "pollers": poll_states(conn),
                 "destination_status": outbox.destination_statuses(conn),
+                "replicas": census(
+                    conn, "", time.time(), config.delivery.replica_heartbeat_seconds
+                ).replicas,
             }
 
         result = await store.read(_query)
@@ -133,6 +137,7 @@ def api_router(monitor: Monitor) -> APIRouter:
             "quarantined": result["quarantined"],
             "pollers": result["pollers"],
             "destination_status": result["destination_status"],
+            "replicas": [asdict(r) for r in result["replicas"]],
         }
 
     @router.get("/api/v1/overview", tags=["monitor"])

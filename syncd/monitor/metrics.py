@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from syncd.intake import quarantine
+from syncd.replicas import census
 from syncd.retry import outbox
 from syncd.store import Store
 
@@ -63,12 +64,15 @@ class Metrics:
         """The dispatcher's report of one attempt (see ``Dispatcher.on_attempt``)."""
         self.attempt_seconds.labels(destination, outcome).observe(seconds)
 
-    async def render(self, store: Store, breakers: dict[str, dict[str, Any]]) -> bytes:
+    async def render(
+        self, store: Store, breakers: dict[str, dict[str, Any]], *, heartbeat: float = 2.0
+    ) -> bytes:
         def _read(conn: Any) -> dict[str, Any]:
             return {
                 "counts": outbox.counts_by_state(conn),
                 "oldest": outbox.oldest_pending_at(conn),
                 "quarantined": quarantine.count_by_source(conn),
+                "replicas": census(conn, "", time.time(), heartbeat).live,
             }
 
         data = await store.read(_read)
@@ -107,7 +111,12 @@ class Metrics:
         for dest, info in sorted(breakers.items()):
             until = info.get("paused_until")
             breaker.add_metric([dest], 1.0 if until and until > now else 0.0)
-        self._snapshot.families = [by_state, backlog, oldest, held, breaker]
+        live = GaugeMetricFamily(
+            "syncd_replicas_live",
+            "Daemons on this store whose heartbeat is current (each paces at 1/n of CRM limits).",
+        )
+        live.add_metric([], len(data["replicas"]))
+        self._snapshot.families = [by_state, backlog, oldest, held, breaker, live]
         return generate_latest(self.registry)
 
 

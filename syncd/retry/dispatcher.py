@@ -120,6 +120,7 @@ class Dispatcher:
         wait long enough for their lease to run out.
         """
         ready: deque[_Leased] = deque()
+        renewer = asyncio.create_task(self._renew_leases(), name="lease_renewal")
         try:
             while not self._stopping.is_set():
                 while ready and len(self._running) < self.concurrency:
@@ -143,6 +144,7 @@ class Dispatcher:
                 else:
                     await self._idle()
         finally:
+            renewer.cancel()
             if ready:
                 # Leased but never started: hand them back rather than let the lease run out.
                 ids = [row.delivery_id for row, _ in ready]
@@ -153,6 +155,27 @@ class Dispatcher:
                     outbox.release(conn, ids, owner=self.owner, now=self.clock())
 
                 await self.store.writer.run(_release)
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, extend the leases this dispatcher holds (outbox.renew_leases).
+
+        Runs as long as :meth:`run`; a failed renewal is logged and tried again
+        at the next turn, well before the lease runs out.
+        """
+        every = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.writer.run(
+                    partial(
+                        outbox.renew_leases,
+                        owner=self.owner,
+                        now=self.clock(),
+                        lease_seconds=self.lease_seconds,
+                    )
+                )
+            except Exception as exc:
+                log.error("lease_renewal_failed", error=redactor.clean(str(exc)))
 
     async def run_once(self, limit: int | None = None) -> list[outbox.Leased]:
         """Lease one batch and deliver all of it; returns once every outcome is committed.

@@ -230,6 +230,19 @@ class DestinationStatus(SQLModel, table=True):
     updated_at: float
 
 
+class Replica(SQLModel, table=True):
+    """A running daemon on this store, and when it last said so (see syncd.replicas)."""
+
+    __tablename__ = "replicas"
+
+    id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(max_length=255)
+    pid: int
+    version: str = Field(max_length=32)
+    started_at: float
+    seen_at: float
+
+
 class AuditEntry(SQLModel, table=True):
     """Who did what from the monitor or the CLI: resends, re-ingests, refused attempts."""
 
@@ -284,5 +297,6 @@ quarantine = Quarantined.__table__  # type: ignore[attr-defined]
 poll_state = PollState.__table__  # type: ignore[attr-defined]
 credentials = Credential.__table__  # type: ignore[attr-defined]
 destination_status = DestinationStatus.__table__  # type: ignore[attr-defined]
+replicas = Replica.__table__  # type: ignore[attr-defined]
 audit = AuditEntry.__table__  # type: ignore[attr-defined]
 resend_jobs = ResendJob.__table__  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from syncd.connectors.base import Connector
 from syncd.connectors.rest import RestConnector, RestSettings
 from syncd.emulators.serving import ServerThread
 from syncd.emulators.sink import Faults, SinkState, create_sink
@@ -407,3 +408,57 @@ def test_link_look_up_reads_only_the_links_it_asks_for(
             )
             assert "Index Cond" in plan and "external_key)::text = ANY" in plan, plan
             assert "Filter" not in plan, plan
+
+
+class SlowConnector(Connector):
+    """Takes ``seconds`` per delivery, as one waiting for a CRM's rate limit would."""
+
+    kind = "slow"
+    settings_model = RestSettings
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__("crm", RestSettings(base_url="http://127.0.0.1:9"))
+        self.seconds = seconds
+        self.sent: list[str] = []
+        self.started = asyncio.Event()
+
+    async def execute(self, plan: Any, ctx: Any) -> None:
+        self.started.set()
+        await asyncio.sleep(self.seconds)
+        self.sent.append(ctx.idempotency_key(0))
+
+    async def find(self, op: Any, parent_id: str | None) -> None:
+        return None
+
+
+async def test_a_slow_delivery_keeps_its_lease_while_its_worker_lives(store: Store) -> None:
+    store.write_sync(lambda c: outbox.enqueue(c, new_ticket("1"), time.time()))
+    connector = SlowConnector(seconds=2.0)
+    dispatcher = Dispatcher(
+        store, {"crm": connector}, RetryPolicy(), lease_seconds=0.6, poll_interval=0.02
+    )
+    task = asyncio.create_task(dispatcher.run())
+    reclaimed = 0
+    try:
+        await asyncio.wait_for(connector.started.wait(), 10)
+        # Lease recovery runs meanwhile, as the daemon's job (or another replica) would.
+        while not connector.sent:
+            reclaimed += await store.writer.run(lambda c: outbox.recover_leases(c, time.time()))
+            await asyncio.sleep(0.1)
+        counts = await run_until_state(store, "delivered")
+    finally:
+        await dispatcher.stop(5)
+        await task
+    assert reclaimed == 0  # 2 s in the air with a 0.6 s lease, renewed all along
+    assert counts == {"delivered": 1}
+    assert len(connector.sent) == 1
+
+
+async def run_until_state(store: Store, state: str, limit: float = 10) -> dict[str, int]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        counts = await store.read(lambda c: outbox.counts_by_state(c).get("crm", {}))
+        if counts.get(state):
+            return {k: v for k, v in counts.items() if v}
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nothing {state} in time")
