@@ -54,6 +54,17 @@ RU: dict[str, str] = {
     "Throttle": "Ограничение скорости",
     "requests available": "запросов доступно",
     "Recovered by polling": "Найдено опросом",
+    "Replicas": "Реплики",
+    "Live replicas split each CRM's rate limit; the oldest one polls the helpdesks.": (
+        "Работающие реплики делят между собой лимит запросов каждой CRM; "
+        "хелпдески опрашивает запущенная раньше всех."
+    ),
+    "Host": "Хост",
+    "Version": "Версия",
+    "Running since": "Работает с",
+    "Last heartbeat": "Последний сигнал",
+    "live": "работает",
+    "gone": "пропала",
     "Poller": "Опрос",
     "Last success": "Последний успех",
     "Last error": "Последняя ошибка",

@@ -523,6 +523,25 @@ def test_overview_counts_by_destination_and_source(env: Env, filled: dict[str, i
     assert body["oldest_pending_at"] is not None
 
 
+async def test_the_overview_lists_replicas_once_there_are_several(env: Env) -> None:
+    from syncd.replicas import Replicas
+
+    client = env.client()
+    login(client, "max", VIEWER_PW)
+    first = Replicas(env.store, 2.0)
+    await first.beat()
+    assert 'data-testid="replicas"' not in client.get("/").text  # one daemon: nothing to say
+
+    second = Replicas(env.store, 2.0)
+    await second.beat()
+    page = client.get("/").text
+    assert 'data-testid="replicas"' in page
+    assert page.count(">live<") == 2
+    stats = env.client(VIEWER).get("/api/v1/stats").json()
+    assert [r["id"] for r in stats["replicas"]] == [first.id, second.id]
+    assert all(r["live"] for r in stats["replicas"])
+
+
 def test_every_page_renders_for_a_viewer_in_both_languages(
     env: Env, filled: dict[str, int]
 ) -> None:
