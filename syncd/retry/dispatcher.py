@@ -106,6 +106,9 @@ class Dispatcher:
         self._rng = random.Random()
         self.breaker = breaker or Breaker(clock=clock)
         self._flagged: set[str] = set()
+        #: Destinations with a problem in destination_status at the last lease, whoever
+        #: recorded it: a success here clears it (rebound by the writer thread, read here).
+        self._stored_problems: frozenset[str] = frozenset()
 
     def wake(self) -> None:
         """New work may be due: skip the rest of the poll interval."""
@@ -219,13 +222,21 @@ class Dispatcher:
         its HTTP requests: one commit for the whole batch instead of two writer
         round trips per delivery. Anything else is mapped when it is delivered.
         """
+        now = self.clock()
+        # A pause recorded by any replica holds here too: when one trips its breaker, the
+        # others stop sending as well, instead of each finding out with its own failures.
+        stored = outbox.destination_statuses(conn)
+        self._stored_problems = frozenset(stored)
+        paused_elsewhere = {
+            name for name, st in stored.items() if (st["paused_until"] or 0.0) > now
+        }
         rows = outbox.lease(
             conn,
             owner=self.owner,
-            now=self.clock(),
+            now=now,
             lease_seconds=self.lease_seconds,
             limit=limit,
-            exclude=self.breaker.paused(),
+            exclude=self.breaker.paused() | paused_elsewhere,
             coalesce_max=self.coalesce_max,
         )
         plans: dict[int, Plan] = {}
@@ -260,7 +271,10 @@ class Dispatcher:
         ]
 
     async def _watch_health(self, destination: str, error: DeliveryError | None) -> None:
-        """Feed the breaker; show a trip (or the end of a problem) in destination_status."""
+        """Feed the breaker; show a trip (or the end of a problem) in destination_status.
+
+        The first success after a problem clears it, on whichever replica it happens.
+        """
         trip = self.breaker.record(destination, error)
         now = self.clock()
         if trip is not None:
@@ -277,8 +291,11 @@ class Dispatcher:
                     conn, destination, paused_until=trip.paused_until, problem=problem, now=now
                 )
             )
-        elif error is None and destination in self._flagged:
+        elif error is None and (
+            destination in self._flagged or destination in self._stored_problems
+        ):
             self._flagged.discard(destination)
+            self._stored_problems = self._stored_problems - {destination}
             log.info("destination_recovered", destination=destination)
             await self.store.writer.run(
                 lambda conn: outbox.set_destination_status(

@@ -462,3 +462,81 @@ async def run_until_state(store: Store, state: str, limit: float = 10) -> dict[s
             return {k: v for k, v in counts.items() if v}
         await asyncio.sleep(0.02)
     raise AssertionError(f"nothing {state} in time")
+
+
+async def test_a_pause_recorded_by_one_replica_holds_for_the_others(store: Store) -> None:
+    from sqlalchemy import update
+
+    from syncd.connectors.amocrm import AmoCrmConnector, AmoCrmSettings
+    from syncd.emulators.amocrm import create_amocrm_emulator
+    from syncd.retry.breaker import Breaker
+
+    app, amo = create_amocrm_emulator(long_lived_token="tok-123456", rate_limit=None)
+    server = ServerThread(app).start()
+    amo.block_account(402)
+    for ticket in ("1", "2", "3"):
+        store.write_sync(
+            lambda c, t=ticket: outbox.enqueue(c, new_ticket(t, client_id=t), time.time())
+        )
+    store.write_sync(lambda c: c.execute(update(deliveries).values(destination="amo")))
+    settings = AmoCrmSettings(
+        base_url=server.url, access_token="tok-123456", rate_per_second=50, burst=50
+    )
+
+    def replica() -> tuple[Dispatcher, AmoCrmConnector]:
+        connector = AmoCrmConnector("amo", settings, timeout=5)
+        dispatcher = Dispatcher(
+            store,
+            {"amo": connector},
+            RetryPolicy(),
+            mappings={},
+            breaker=Breaker(auth_pause=1.5),
+            poll_interval=0.02,
+        )
+        return dispatcher, connector
+
+    async def status() -> dict[str, Any]:
+        return await store.read(outbox.destination_statuses)
+
+    first, first_connector = replica()
+    task = asyncio.create_task(first.run())
+    try:
+        for _ in range(500):
+            if "amo" in await status():
+                break
+            await asyncio.sleep(0.01)
+        assert "amo" in await status()
+    finally:
+        await first.stop(5)
+        await task
+        await first_connector.aclose()
+    refused = len(amo.requests)
+    # Due again at once: only the recorded pause can keep the second replica from sending.
+    store.write_sync(
+        lambda c: c.execute(
+            update(deliveries)
+            .where(deliveries.c.state == "retry_wait")
+            .values(next_attempt_at=time.time())
+        )
+    )
+
+    # A second replica, whose own breaker has seen nothing, holds off while the pause lasts.
+    second, second_connector = replica()
+    task = asyncio.create_task(second.run())
+    try:
+        await asyncio.sleep(0.5)
+        assert len(amo.requests) == refused
+        amo.unblock_account()
+        for _ in range(1000):
+            counts = await store.read(lambda c: outbox.counts_by_state(c)["amo"])
+            if counts["delivered"] == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert counts["delivered"] == 3
+        # Its success clears the problem the first one recorded.
+        assert await status() == {}
+    finally:
+        await second.stop(5)
+        await task
+        await second_connector.aclose()
+        server.stop()
