@@ -2,20 +2,29 @@
 
 Nothing is stored for a request that fails authentication (401). A request
 that authenticates but cannot be read gets 422 with the reason, and its raw
-body goes to quarantine.
+body goes to quarantine. While the store cannot be written (a database
+outage), the answer is 503 with ``Retry-After``: nothing was stored, and the
+sender (or the poller) brings the change again.
 """
 
 from __future__ import annotations
 
 import time
 
+import structlog
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from syncd.errors import IntakeError, PayloadTooLarge
+from syncd.errors import IntakeError, PayloadTooLarge, StoreError
 from syncd.intake.base import RawRequest
 from syncd.intake.service import Accepted, Intake
+from syncd.logs import redactor
+
+log = structlog.get_logger("syncd.intake")
+
+#: Seconds a sender is asked to wait after a 503 for a store it could not write to.
+STORE_RETRY_AFTER = 5
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
@@ -51,6 +60,16 @@ def intake_router(intake: Intake, *, max_body_bytes: int) -> APIRouter:
             outcome = await intake.receive(source_name, raw)
         except IntakeError as exc:
             return JSONResponse({"error": exc.reason}, status_code=exc.status_code)
+        except StoreError as exc:
+            log.warning("webhook_not_stored", source=source_name, error=redactor.clean(str(exc)))
+            return JSONResponse(
+                {
+                    "error": "the store cannot be written just now; nothing was stored, "
+                    "send the webhook again"
+                },
+                status_code=503,
+                headers={"Retry-After": str(STORE_RETRY_AFTER)},
+            )
         if isinstance(outcome, Accepted):
             return JSONResponse(
                 {

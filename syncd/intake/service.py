@@ -5,19 +5,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
-from syncd.errors import InvalidPayload, UnknownSource
+from syncd.errors import InvalidPayload, StoreError, UnknownSource
 from syncd.events import IncomingEvent
 from syncd.intake import quarantine
 from syncd.intake.base import RawRequest, WebhookSource
 from syncd.retry import outbox
 from syncd.store import Store
 from syncd.store.models import QuarantineState
+from syncd.store.writer import Grouped
 from syncd.ticket import TicketEvent
+
+_T = TypeVar("_T")
+_ItemT = TypeVar("_ItemT")
 
 log = structlog.get_logger("syncd.intake")
 
@@ -101,7 +106,7 @@ class LocalWriter:
         return True
 
     async def store(self, events: list[IncomingEvent], now: float) -> list[outbox.Enqueued]:
-        return await self._store.writer.run_grouped(store_requests, (events, now))
+        return await self._write(store_requests, (events, now))
 
     async def receive(self, source_name: str, request: RawRequest) -> Accepted | Quarantined:
         dests = self._destinations.get(source_name, ())
@@ -109,10 +114,15 @@ class LocalWriter:
             incoming = read_webhook(self._sources[source_name], request, dests)
         except InvalidPayload as exc:
             held = (source_name, request, exc.reason)
-            return Quarantined(
-                await self._store.writer.run_grouped(hold_requests, held), exc.reason
-            )
+            return Quarantined(await self._write(hold_requests, held), exc.reason)
         return Accepted.of(await self.store(incoming, request.received_at or time.time()))
+
+    async def _write(self, group: Grouped[_ItemT, _T], item: _ItemT) -> _T:
+        """A grouped write; a database that fails it is a StoreError, as in the writer process."""
+        try:
+            return await self._store.writer.run_grouped(group, item)
+        except DBAPIError as exc:
+            raise StoreError(f"storing the webhook failed: {type(exc).__name__}: {exc}") from None
 
 
 class Intake:

@@ -102,6 +102,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        #: Leased deliveries not yet finished with (queued or running): their leases are renewed.
+        self._held: set[int] = set()
         self._outcomes: list[tuple[outbox.Outcome, StoreLinkBook | None, asyncio.Future[None]]] = []
         self._rng = random.Random()
         self.breaker = breaker or Breaker(clock=clock)
@@ -140,6 +142,7 @@ class Dispatcher:
                         await self._idle()
                         continue
                     ready.extend(leased)
+                    self._held.update(row.delivery_id for row, _ in leased)
                     if leased:
                         continue
                 if self._running:
@@ -151,6 +154,7 @@ class Dispatcher:
             if ready:
                 # Leased but never started: hand them back rather than let the lease run out.
                 ids = [row.delivery_id for row, _ in ready]
+                self._held.difference_update(ids)
                 books = [prepared.links for _, prepared in ready if prepared is not None]
 
                 def _release(conn: Connection) -> None:
@@ -168,10 +172,13 @@ class Dispatcher:
         every = self.lease_seconds / 3
         while True:
             await asyncio.sleep(every)
+            if not self._held:
+                continue
             try:
                 await self.store.writer.run(
                     partial(
                         outbox.renew_leases,
+                        ids=frozenset(self._held),
                         owner=self.owner,
                         now=self.clock(),
                         lease_seconds=self.lease_seconds,
@@ -199,6 +206,8 @@ class Dispatcher:
         task = asyncio.create_task(self._deliver(row, prepared))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        # Done with, whatever the outcome: if it could not be recorded, the lease must run out.
+        task.add_done_callback(lambda _: self._held.discard(row.delivery_id))
 
     async def _wait_any(self) -> None:
         """Until a delivery finishes, new work is announced, or we are told to stop."""

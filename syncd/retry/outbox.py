@@ -580,19 +580,29 @@ def release(conn: Connection, ids: list[int], *, owner: str, now: float) -> int:
     return int(result.rowcount or 0)
 
 
-def renew_leases(conn: Connection, *, owner: str, now: float, lease_seconds: float) -> int:
-    """Extend every lease ``owner`` holds: its worker is alive, only slow.
+def renew_leases(
+    conn: Connection, ids: Collection[int], *, owner: str, now: float, lease_seconds: float
+) -> int:
+    """Extend the leases of deliveries ``owner`` is still working on: alive, only slow.
 
     A delivery may wait for a CRM's rate limit longer than its lease (more so
     with several replicas sharing the limit). Without renewal its lease would
     run out mid-send, and recovery would hand it to another worker, which
-    would send it again. A worker that dies stops renewing, so its leases
-    still run out within ``lease_seconds``.
+    would send it again. Only ``ids`` are renewed: a delivery whose outcome
+    could not be written (the database was away) is no longer worked on, and
+    its lease must run out so that recovery hands it out again. A worker that
+    dies stops renewing, so its leases run out within ``lease_seconds``.
     """
+    if not ids:
+        return 0
     d = deliveries
     result = conn.execute(
         update(d)
-        .where(d.c.state == DeliveryState.IN_FLIGHT.value, d.c.lease_owner == owner)
+        .where(
+            d.c.id.in_(sorted(ids)),
+            d.c.state == DeliveryState.IN_FLIGHT.value,
+            d.c.lease_owner == owner,
+        )
         .values(lease_expires_at=now + lease_seconds)
     )
     return int(result.rowcount or 0)
