@@ -48,7 +48,9 @@ def _load_or_exit(path: Path) -> Config:
 def check_config(
     config: Path = ConfigOption,
     ping: bool = typer.Option(
-        False, "--ping", help="Also call each destination and check its credentials."
+        False,
+        "--ping",
+        help="Also call each destination, and each polled helpdesk, and check its credentials.",
     ),
 ) -> None:
     """Validate a config file and print every problem found, each with its key."""
@@ -64,7 +66,7 @@ def check_config(
 
 
 async def _ping(cfg: Config) -> int:
-    """Call every destination once; print what works and what does not. Returns failures."""
+    """Call every destination and polled helpdesk once; print what works. Returns failures."""
     from syncd.connectors import registry
     from syncd.connectors.transport import AiohttpTransport
     from syncd.errors import DeliveryError
@@ -87,6 +89,31 @@ async def _ping(cfg: Config) -> int:
                 typer.echo(f"  {logs.redactor.clean(line)}")
         finally:
             await connector.aclose()
+    failed += await _ping_sources(cfg)
+    return failed
+
+
+async def _ping_sources(cfg: Config) -> int:
+    """Call every polled helpdesk once with the poller's credentials. Returns failures."""
+    from syncd.errors import DeliveryError
+    from syncd.intake import registry as sources
+
+    failed = 0
+    for name, src in cfg.sources.items():
+        poller = sources.build(name, src, default_region=cfg.intake.default_country).poller()
+        if poller is None:
+            continue
+        try:
+            lines = await poller.check()
+        except DeliveryError as exc:
+            failed += 1
+            typer.echo(f"sources.{name} ({src.kind}): FAILED: {logs.redactor.clean(str(exc))}")
+        else:
+            typer.echo(f"sources.{name} ({src.kind}) polling: OK")
+            for line in lines:
+                typer.echo(f"  {logs.redactor.clean(line)}")
+        finally:
+            await poller.aclose()
     return failed
 
 

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from syncd.intake.base import RawRequest
 from syncd.intake.signing import sign_zendesk
 from syncd.intake.zendesk import TRIGGER_BODY_TEMPLATE
-from syncd.intake.zendesk_poll import EVENTS_PATH, EXPORT_PATH, USERS_PATH
+from syncd.intake.zendesk_poll import EVENTS_PATH, EXPORT_PATH, ME_PATH, USERS_PATH
 
 WebhookMode = Literal["trigger", "events"]
 
@@ -205,6 +205,8 @@ class ZendeskState:
     page_size: int = 1000
     #: The real export leaves out tickets changed in the last minute; 0 keeps tests fast.
     recent_window_seconds: float = 60.0
+    #: The role of the user the API token acts as (``users/me``); exports need "admin".
+    api_user_role: str = "admin"
     #: The event export refuses a start_time newer than this many seconds ago.
     min_start_age_seconds: float = 60.0
     #: Export requests allowed per rolling minute (Zendesk: 10); None for no limit.
@@ -724,6 +726,17 @@ def create_zendesk_api(
         included = query.get("include", "").split(",")
         page = state.event_export_page(int(start), comments="comment_events" in included)
         return JSONResponse(page)
+
+    @app.get(ME_PATH)
+    async def me(request: Request) -> Response:
+        with state.lock:
+            state.requests += 1
+            if request.headers.get("authorization") != expected:
+                # Zendesk answers unknown credentials here with the anonymous user.
+                anonymous = {"id": None, "name": "Anonymous user", "role": "end-user"}
+                return JSONResponse({"user": anonymous})
+            user = {"id": 1, "name": "API user", "email": state.email, "role": state.api_user_role}
+        return JSONResponse({"user": user})
 
     @app.get(USERS_PATH)
     async def show_many(request: Request) -> Response:

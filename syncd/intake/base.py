@@ -85,6 +85,14 @@ class Poller(ABC):
     async def fetch(self, cursor: str | None) -> PollPage:
         """One page of changed tickets after ``cursor`` (None: from the configured look-back)."""
 
+    async def check(self) -> list[str]:
+        """Verify the credentials with one light request; raise a DeliveryError if broken.
+
+        Returns what was verified, one line each, for ``check-config --ping``
+        (empty: this poller has no check).
+        """
+        return []
+
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 

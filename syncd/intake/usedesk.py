@@ -608,6 +608,15 @@ class UsedeskPoller(Poller):
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def check(self) -> list[str]:
+        """One ``/tickets`` request for the last minute: the token works and the list reads."""
+        since = datetime.fromtimestamp(float(self._clock()) - 60, tz=self.settings.zone)
+        answer = await self._call("/tickets", {"updated_after": since.strftime("%Y-%m-%d %H:%M")})
+        listed = answer.get("tickets") if isinstance(answer, dict) else answer
+        if not isinstance(listed, list):
+            raise RetriableError(f"Usedesk /tickets: expected a list, got {type(answer).__name__}")
+        return [f"/tickets answered with {len(listed)} ticket(s) changed in the last minute"]
+
     async def _call(self, method: str, fields: dict[str, Any]) -> Any:
         payload = {"api_token": self.settings.token(), **fields}
         async with classified():

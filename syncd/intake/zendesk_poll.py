@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 
 from syncd.connectors.http import classified, error_for_response
-from syncd.errors import RateLimited, ServerError
+from syncd.errors import AccessDenied, RateLimited, ServerError
 from syncd.intake.base import PolledTicket, Poller, PollPage
 from syncd.intake.generic import parse_time
 from syncd.ticket import AuthorKind, Comment, EventKind, TicketEvent, as_id
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from syncd.intake.zendesk import ZendeskSource
 
 EXPORT_PATH = "/api/v2/incremental/tickets/cursor.json"
+ME_PATH = "/api/v2/users/me.json"
 EVENTS_PATH = "/api/v2/incremental/ticket_events.json"
 USERS_PATH = "/api/v2/users/show_many.json"
 #: Used when a 429 from an export carries no Retry-After: its limit is counted per minute.
@@ -113,6 +114,21 @@ class ZendeskPoller(Poller):
             transport=transport,
             headers={"Accept": "application/json"},
         )
+
+    async def check(self) -> list[str]:
+        """Who the token signs in as: the incremental exports need an admin."""
+        data = await self._get(ME_PATH, {}, "user", shape=dict)
+        user = data["user"]
+        if user.get("id") is None:
+            # Zendesk answers bad credentials here with the anonymous user, not a 401.
+            raise AccessDenied("Zendesk did not accept the email and API token")
+        role = str(user.get("role") or "unknown")
+        who = f"{user.get('email') or user.get('name')} ({role})"
+        if role != "admin":
+            raise AccessDenied(
+                f"the token signs in as {who}; the incremental exports need an admin's token"
+            )
+        return [f"signed in as {who}"]
 
     async def fetch(self, cursor: str | None) -> PollPage:
         at = PollCursor.load(cursor)
@@ -211,8 +227,10 @@ class ZendeskPoller(Poller):
         while len(self._roles) > ROLE_CACHE_SIZE:
             self._roles.popitem(last=False)
 
-    async def _get(self, path: str, params: dict[str, Any], listed: str) -> dict[str, Any]:
-        """GET a Zendesk list; errors classified, and the body checked to hold ``listed``."""
+    async def _get(
+        self, path: str, params: dict[str, Any], key: str, *, shape: type = list
+    ) -> dict[str, Any]:
+        """GET from Zendesk; errors classified, and the body checked to hold ``key``."""
         async with classified():
             response = await self._client.get(path, params=params)
         error = error_for_response(response)
@@ -229,9 +247,9 @@ class ZendeskPoller(Poller):
                 f"Zendesk {path} answered with a body that is not JSON",
                 status_code=response.status_code,
             ) from None
-        if not isinstance(data, dict) or not isinstance(data.get(listed), list):
+        if not isinstance(data, dict) or not isinstance(data.get(key), shape):
             raise ServerError(
-                f"Zendesk {path} answered without a {listed!r} list",
+                f"Zendesk {path} answered without a {key!r} {shape.__name__}",
                 status_code=response.status_code,
             )
         return data
