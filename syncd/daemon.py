@@ -8,7 +8,7 @@ import gc
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -269,7 +269,10 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
             share_with_replicas(after, connectors)
 
     scheduler.add_job(
-        heartbeat, "interval", seconds=d.replica_heartbeat_seconds, id="replica_heartbeat"
+        guarded("replica_heartbeat", heartbeat),
+        "interval",
+        seconds=d.replica_heartbeat_seconds,
+        id="replica_heartbeat",
     )
     runners = build_poll_runners(intake)
     for runner in runners:
@@ -280,7 +283,7 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
                 await runner.run_once()
 
         scheduler.add_job(
-            poll,
+            guarded(f"poll_{runner.source}", poll),
             "interval",
             seconds=runner.poller.interval,
             id=f"poll_{runner.source}",
@@ -350,6 +353,22 @@ async def serve(config: Config, *, migrate: bool = True, stop: asyncio.Event | N
     return exit_code
 
 
+def guarded(name: str, job: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """A periodic job whose failure is one readable log line; it runs again at its next turn.
+
+    Left to APScheduler, a failing job logs its traceback at every run, which
+    during a database outage buries everything else in the log.
+    """
+
+    async def run() -> None:
+        try:
+            await job()
+        except Exception as exc:
+            log.warning("job_failed", job=name, error=logs.redactor.clean(str(exc)))
+
+    return run
+
+
 def share_with_replicas(census: Census, connectors: dict[str, Connector]) -> None:
     """Pace each connector at this replica's part of its CRM's limit."""
     for connector in connectors.values():
@@ -389,7 +408,12 @@ def _schedule_jobs(scheduler: AsyncIOScheduler, store: Store, config: Config) ->
             log.info("delivered_purged", count=n, older_than_days=d.retention_days)
 
     scheduler.add_job(
-        recover, "interval", seconds=d.lease_recovery_interval_seconds, id="lease_recovery"
+        guarded("lease_recovery", recover),
+        "interval",
+        seconds=d.lease_recovery_interval_seconds,
+        id="lease_recovery",
     )
-    scheduler.add_job(expire, "interval", seconds=60, id="window_expiry")
-    scheduler.add_job(purge, "interval", seconds=3600, id="retention_purge")
+    scheduler.add_job(guarded("window_expiry", expire), "interval", seconds=60, id="window_expiry")
+    scheduler.add_job(
+        guarded("retention_purge", purge), "interval", seconds=3600, id="retention_purge"
+    )
