@@ -69,52 +69,42 @@ async def _ping(cfg: Config) -> int:
     """Call every destination and polled helpdesk once; print what works. Returns failures."""
     from syncd.connectors import registry
     from syncd.connectors.transport import AiohttpTransport
-    from syncd.errors import DeliveryError
+    from syncd.intake import registry as sources
 
     failed = 0
     for name, dest in cfg.destinations.items():
         connector = registry.build(
             name, dest, timeout=cfg.delivery.request_timeout_seconds, transport=AiohttpTransport()
         )
-        try:
-            lines = await connector.check()
-        except DeliveryError as exc:
-            failed += 1
-            typer.echo(
-                f"destinations.{name} ({dest.kind}): FAILED: {logs.redactor.clean(str(exc))}"
-            )
-        else:
-            typer.echo(f"destinations.{name} ({dest.kind}): OK")
-            for line in lines:
-                typer.echo(f"  {logs.redactor.clean(line)}")
-        finally:
-            await connector.aclose()
-    failed += await _ping_sources(cfg)
-    return failed
-
-
-async def _ping_sources(cfg: Config) -> int:
-    """Call every polled helpdesk once with the poller's credentials. Returns failures."""
-    from syncd.errors import DeliveryError
-    from syncd.intake import registry as sources
-
-    failed = 0
+        label = f"destinations.{name} ({dest.kind})"
+        failed += await _checked(label, connector.check, connector.aclose)
     for name, src in cfg.sources.items():
         poller = sources.build(name, src, default_region=cfg.intake.default_country).poller()
-        if poller is None:
-            continue
-        try:
-            lines = await poller.check()
-        except DeliveryError as exc:
-            failed += 1
-            typer.echo(f"sources.{name} ({src.kind}): FAILED: {logs.redactor.clean(str(exc))}")
-        else:
-            typer.echo(f"sources.{name} ({src.kind}) polling: OK")
-            for line in lines:
-                typer.echo(f"  {logs.redactor.clean(line)}")
-        finally:
-            await poller.aclose()
+        if poller is not None:
+            label = f"sources.{name} ({src.kind}) polling"
+            failed += await _checked(label, poller.check, poller.aclose)
     return failed
+
+
+async def _checked(
+    label: str,
+    check: Callable[[], Awaitable[list[str]]],
+    close: Callable[[], Awaitable[None]],
+) -> bool:
+    """Run one credentials check and print what it verified; True when it failed."""
+    from syncd.errors import DeliveryError
+
+    try:
+        lines = await check()
+    except DeliveryError as exc:
+        typer.echo(f"{label}: FAILED: {logs.redactor.clean(str(exc))}")
+        return True
+    finally:
+        await close()
+    typer.echo(f"{label}: OK")
+    for line in lines:
+        typer.echo(f"  {logs.redactor.clean(line)}")
+    return False
 
 
 @app.command()

@@ -131,9 +131,9 @@ base_url = "http://127.0.0.1:9"
     assert result.exit_code == 1, out
     assert "sources.zendesk (zendesk) polling: OK" in out
     assert "signed in as admin@acme.test (admin)" in out
-    assert "sources.zendesk_agent (zendesk): FAILED" in out and "need an admin" in out
-    assert "sources.zendesk_wrong (zendesk): FAILED" in out and "did not accept" in out
+    assert "sources.zendesk_agent (zendesk) polling: FAILED" in out and "need an admin" in out
+    assert "sources.zendesk_wrong (zendesk) polling: FAILED" in out and "did not accept" in out
     assert "sources.usedesk (usedesk) polling: OK" in out
-    assert "sources.usedesk_wrong (usedesk): FAILED" in out
+    assert "sources.usedesk_wrong (usedesk) polling: FAILED" in out
     assert "sources.plain" not in out  # a generic source is not polled
     assert "zd-token-wrong-0000" not in out and "ud-token-wrong-3456" not in out
