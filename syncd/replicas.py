@@ -127,6 +127,11 @@ class Replicas:
         )
 
 
+def seen(conn: Connection, heartbeat: float) -> tuple[Replica, ...]:
+    """Every replica with a row, as the monitor shows them (live ones first)."""
+    return census(conn, "", time.time(), heartbeat).replicas
+
+
 def census(conn: Connection, me: str, now: float, heartbeat: float) -> Census:
     """The replicas with a row; those seen within :data:`MISSED_BEATS` heartbeats are live."""
     rows = conn.execute(select(replicas).order_by(replicas.c.started_at, replicas.c.id)).all()

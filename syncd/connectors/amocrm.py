@@ -350,9 +350,6 @@ class AmoCrmConnector(RecordConnector):
             return None
         return LinkRef(crm_id=crm_id, url=self.record_url(entity, crm_id))
 
-    def set_share(self, share: float) -> None:
-        self.throttle.share(share)
-
     def record_url(self, entity: str, crm_id: str) -> str | None:
         section = {"deal": "leads", "lead": "leads", "contact": "contacts"}.get(entity)
         return f"{self._base}/{section}/detail/{crm_id}" if section else None

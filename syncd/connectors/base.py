@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import httpx
 from pydantic import BaseModel
 
+from syncd.connectors.throttle import SlidingWindow, TokenBucket
 from syncd.errors import Contended
 from syncd.mapping import Plan, Upsert
 
@@ -117,11 +118,15 @@ class Connector(ABC):
         """A link to the record in the CRM's own UI, for the monitor."""
         return None
 
-    def set_share(self, share: float) -> None:  # noqa: B027 - optional
+    def set_share(self, share: float) -> None:
         """Pace at ``share`` of the CRM's rate limit; other replicas of syncd use the rest.
 
-        A connector with no client-side pacing has nothing to do.
+        Applies to the connector's ``throttle`` attribute, when it has one (a
+        connector with no client-side pacing has nothing to share).
         """
+        throttle = getattr(self, "throttle", None)
+        if isinstance(throttle, TokenBucket | SlidingWindow):
+            throttle.share(share)
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections."""

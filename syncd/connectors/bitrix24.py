@@ -963,9 +963,6 @@ class Bitrix24Connector(Connector):
             lines.append(f"crm.{name}: {count} fields readable; crm scope grants write")
         return lines
 
-    def set_share(self, share: float) -> None:
-        self.throttle.share(share)
-
     def record_url(self, entity: str, crm_id: str) -> str | None:
         if entity not in ("deal", "contact", "lead", "company") or crm_id.startswith("$"):
             return None

@@ -97,6 +97,14 @@ class Poller(ABC):
         """Release connections."""
 
 
+def text_value(value: object) -> str | None:
+    """A scalar as stripped text; None for nothing, an empty string, an object, a list or a bool."""
+    if value is None or isinstance(value, dict | list | bool):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     """Parse a JSON object body or raise InvalidPayload with a readable reason."""
     try:

@@ -39,6 +39,7 @@ from syncd.errors import (
     ServerError,
 )
 from syncd.intake.base import PolledTicket, Poller, PollPage, RawRequest, WebhookSource
+from syncd.intake.base import text_value as _text
 from syncd.ticket import (
     AuthorKind,
     Client,
@@ -175,13 +176,6 @@ def _parse_usedesk_time(value: object, zone: tzinfo) -> datetime | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
     return parsed.astimezone(UTC)
-
-
-def _text(value: object) -> str | None:
-    if value is None or isinstance(value, dict | list | bool):
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 def _obj(data: dict[str, Any], key: str) -> dict[str, Any]:

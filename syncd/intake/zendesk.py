@@ -20,7 +20,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from syncd.errors import InvalidPayload
-from syncd.intake.base import RawRequest, WebhookSource, json_object
+from syncd.intake.base import RawRequest, WebhookSource, json_object, text_value
 from syncd.intake.generic import parse_time
 from syncd.intake.signing import verify_zendesk
 from syncd.intake.zendesk_poll import ZendeskPoller, comment_delivery_id
@@ -181,10 +181,8 @@ class ZendeskSettings(BaseModel):
 
 def _text(value: Any) -> str | None:
     """A non-empty string, or None: empty and unrendered placeholders mean "no value"."""
-    if value is None or isinstance(value, dict | list | bool):
-        return None
-    text = str(value).strip()
-    if not text or (text.startswith("{{") and text.endswith("}}")):
+    text = text_value(value)
+    if text is None or (text.startswith("{{") and text.endswith("}}")):
         return None
     return text
 

@@ -27,6 +27,7 @@ import httpx
 from syncd.connectors.http import classified, error_for_response
 from syncd.errors import AccessDenied, RateLimited, ServerError
 from syncd.intake.base import PolledTicket, Poller, PollPage
+from syncd.intake.base import text_value as _text
 from syncd.intake.generic import parse_time
 from syncd.ticket import AuthorKind, Comment, EventKind, TicketEvent, as_id
 
@@ -307,13 +308,6 @@ def _comments(audits: list[Any]) -> list[tuple[str, _Found]]:
                 )
             )
     return found
-
-
-def _text(value: Any) -> str | None:
-    if value is None or isinstance(value, dict | list | bool):
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 __all__ = [

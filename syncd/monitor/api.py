@@ -22,7 +22,7 @@ from syncd.monitor.app import Monitor
 from syncd.monitor.auth import Forbidden, Principal
 from syncd.monitor.plans import keys_for_trace, plan_of
 from syncd.preview import preview
-from syncd.replicas import census
+from syncd.replicas import seen
 from syncd.retry import outbox
 from syncd.store import head_revision
 
@@ -117,9 +117,7 @@ def api_router(monitor: Monitor) -> APIRouter:
                 "quarantined": quarantine.count_by_source(conn),
                 "pollers": poll_states(conn),
                 "destination_status": outbox.destination_statuses(conn),
-                "replicas": census(
-                    conn, "", time.time(), config.delivery.replica_heartbeat_seconds
-                ).replicas,
+                "replicas": seen(conn, config.delivery.replica_heartbeat_seconds),
             }
 
         result = await store.read(_query)

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from syncd.intake import quarantine
-from syncd.replicas import census
+from syncd.replicas import seen
 from syncd.retry import outbox
 from syncd.store import Store
 
@@ -65,14 +65,14 @@ class Metrics:
         self.attempt_seconds.labels(destination, outcome).observe(seconds)
 
     async def render(
-        self, store: Store, breakers: dict[str, dict[str, Any]], *, heartbeat: float = 2.0
+        self, store: Store, breakers: dict[str, dict[str, Any]], *, heartbeat: float
     ) -> bytes:
         def _read(conn: Any) -> dict[str, Any]:
             return {
                 "counts": outbox.counts_by_state(conn),
                 "oldest": outbox.oldest_pending_at(conn),
                 "quarantined": quarantine.count_by_source(conn),
-                "replicas": census(conn, "", time.time(), heartbeat).live,
+                "replicas": [r for r in seen(conn, heartbeat) if r.live],
             }
 
         data = await store.read(_read)

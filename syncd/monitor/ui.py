@@ -24,7 +24,7 @@ from syncd.monitor.app import HERE, Monitor, age_text
 from syncd.monitor.auth import Forbidden, Principal, TooManyAttempts
 from syncd.monitor.i18n import pick_language, translator
 from syncd.monitor.plans import keys_for_trace, plan_of
-from syncd.replicas import census
+from syncd.replicas import seen
 from syncd.retry import outbox
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -205,9 +205,7 @@ def ui_router(monitor: Monitor) -> APIRouter:
                 "quarantined": quarantine.count_by_source(conn),
                 "pollers": poll_states(conn),
                 "status": outbox.destination_statuses(conn),
-                "replicas": census(
-                    conn, "", time.time(), monitor.config.delivery.replica_heartbeat_seconds
-                ).replicas,
+                "replicas": seen(conn, monitor.config.delivery.replica_heartbeat_seconds),
             }
 
         assert monitor.overview is not None

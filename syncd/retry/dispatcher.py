@@ -107,9 +107,9 @@ class Dispatcher:
         self._outcomes: list[tuple[outbox.Outcome, StoreLinkBook | None, asyncio.Future[None]]] = []
         self._rng = random.Random()
         self.breaker = breaker or Breaker(clock=clock)
-        self._flagged: set[str] = set()
-        #: Destinations with a problem in destination_status at the last lease, whoever
-        #: recorded it: a success here clears it (rebound by the writer thread, read here).
+        #: Destinations with a problem in destination_status, whoever recorded it: read at
+        #: each lease (rebound by the writer thread) and added to at a trip here. A success
+        #: to one of them clears its problem.
         self._stored_problems: frozenset[str] = frozenset()
 
     def wake(self) -> None:
@@ -287,7 +287,7 @@ class Dispatcher:
         trip = self.breaker.record(destination, error)
         now = self.clock()
         if trip is not None:
-            self._flagged.add(destination)
+            self._stored_problems = self._stored_problems | {destination}
             log.warning(
                 "destination_paused",
                 destination=destination,
@@ -300,10 +300,7 @@ class Dispatcher:
                     conn, destination, paused_until=trip.paused_until, problem=problem, now=now
                 )
             )
-        elif error is None and (
-            destination in self._flagged or destination in self._stored_problems
-        ):
-            self._flagged.discard(destination)
+        elif error is None and destination in self._stored_problems:
             self._stored_problems = self._stored_problems - {destination}
             log.info("destination_recovered", destination=destination)
             await self.store.writer.run(
